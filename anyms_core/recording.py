@@ -1,0 +1,370 @@
+"""Recording what the AnyMS processors observe: per-subject attention maps per layer and step.
+
+The processors hand their observations (already reduced to ``[positions, items]`` for the recorded
+conditional sample, averaged over heads) to an :class:`AttentionRecorder`. It aggregates them under
+an explicit policy, stores them on the CPU in fp16 within a memory budget, and says what it dropped.
+The result, :class:`AttentionMaps`, is plain data: it is what a ``Run`` holds and what widgets and
+figures read.
+
+Kinds of map, per subject and position:
+
+- ``affinity``: the subject's share of a joint softmax over all subjects' image tokens: where each
+  position "wants" each subject, whatever the variant allows. Sums to 1 over subjects.
+- ``contribution``: the L2 norm of what the subject actually injects at each position under the
+  variant (for ``anyms``: zero outside the cells it owns).
+- ``text``: DAAM-style text cross-attention probability of chosen prompt words (summed over a word's
+  tokens), per word.
+
+Why these and not the mean of a subject's own softmax: that mean is always 1/T (see the notes).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .layout import GridLayout
+    from .processor import DecoupledState
+
+KINDS = ("affinity", "contribution", "text")
+POLICIES = ("layer", "resolution", "mean")
+DEFAULT_BUDGET_BYTES = 64 * 2**20
+
+
+@dataclass
+class RecordConfig:
+    """What to record. ``kinds`` from :data:`KINDS`; ``words`` are prompt words for ``text`` maps.
+
+    ``policy``: ``"layer"`` keeps every layer, ``"resolution"`` averages the layers of each grid size,
+    ``"mean"`` averages all layers (upsampled to the largest grid). ``layers``: substrings of diffusers
+    module names to record (None = all cross-attention layers). ``budget_bytes``: hard cap on stored maps.
+    """
+
+    kinds: tuple[str, ...] = ("affinity", "contribution")
+    words: tuple[str, ...] = ()
+    policy: str = "resolution"
+    layers: tuple[str, ...] | None = None
+    budget_bytes: int = DEFAULT_BUDGET_BYTES
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        self.words = tuple(self.words)
+        if self.words and "text" not in self.kinds:
+            self.kinds = self.kinds + ("text",)
+        for kind in self.kinds:
+            if kind not in KINDS:
+                raise ValueError(f"Unknown attention kind {kind!r}; choose from {KINDS}.")
+        if "text" in self.kinds and not self.words:
+            raise ValueError("Recording `text` maps needs `words`: the prompt words to map.")
+        if self.policy not in POLICIES:
+            raise ValueError(f"Unknown aggregation policy {self.policy!r}; choose one of {POLICIES}.")
+        if self.layers is not None:
+            self.layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+        if int(self.budget_bytes) <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {self.budget_bytes}.")
+        self.budget_bytes = int(self.budget_bytes)
+
+    @classmethod
+    def from_arg(cls, record: "RecordConfig | bool | str | Sequence[str] | dict | None") -> "RecordConfig | None":
+        """Accepts ``None``/``False`` (off), ``True`` (defaults), a kind, a list of kinds, a dict or a config."""
+        if record is None or record is False:
+            return None
+        if record is True:
+            return cls()
+        if isinstance(record, cls):
+            return record
+        if isinstance(record, str):
+            return cls(kinds=(record,))
+        if isinstance(record, dict):
+            return cls(**record)
+        if isinstance(record, (list, tuple)):
+            return cls(kinds=tuple(record))
+        raise ValueError(f"record= takes None, True, a kind, a list of kinds, a dict or a RecordConfig; got {record!r}.")
+
+
+class AttentionRecorder:
+    """Receives observations from the processors during one pipeline call and aggregates them."""
+
+    def __init__(self, config: RecordConfig, subject_names: Sequence[str], word_tokens: dict[str, list[int]]):
+        self.config = config
+        self.kinds = config.kinds
+        self.words = list(word_tokens)
+        self.word_tokens = word_tokens
+        self.subject_names = list(subject_names)
+        self.step = -1
+        self._warned = False
+        self._pending: dict[tuple[str, str], list] = {}  # (kind, key) -> [sum tensor, count, grid]
+        self.maps = AttentionMaps(
+            kinds=list(self.kinds), subjects=self.subject_names, words=self.words, policy=config.policy,
+            budget_bytes=config.budget_bytes,
+        )
+
+    # --- driven by the session -------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._flush()
+        self.step += 1
+
+    def finish(self) -> "AttentionMaps":
+        self._flush()
+        if self.maps.dropped and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"Attention recording hit its budget of {self.config.budget_bytes / 2**20:.1f} MB and dropped "
+                f"{len(self.maps.dropped)} maps (see AttentionMaps.dropped); use a coarser policy or a larger budget.",
+                stacklevel=2,
+            )
+        return self.maps
+
+    def wants(self, layer_name: str) -> bool:
+        return self.config.layers is None or any(part in layer_name for part in self.config.layers)
+
+    # --- called by the processors ----------------------------------------------------------------
+    def observe_affinity(self, layer: str, state: "DecoupledState", query: torch.Tensor, image_key: torch.Tensor, num_subjects: int) -> None:
+        b = state.record_batch_index
+        q, k = query[b].float(), image_key[b].float()  # [heads, N, d], [heads, S*T, d]
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        per_subject = probs.view(probs.shape[0], probs.shape[1], num_subjects, -1).sum(-1)
+        self._add(layer, "affinity", per_subject.mean(0), state)
+
+    def observe_text(self, layer: str, state: "DecoupledState", query: torch.Tensor, text_key: torch.Tensor) -> None:
+        b = state.record_batch_index
+        q, k = query[b].float(), text_key[b].float()
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(0)  # [N, L]
+        columns = [probs[:, indices].sum(-1) for indices in self.word_tokens.values()]
+        self._add(layer, "text", torch.stack(columns, dim=-1), state)
+
+    def observe_contributions(self, layer: str, state: "DecoupledState", contributions: list[torch.Tensor], num_queries: int) -> None:
+        if "contribution" in self.kinds:
+            b = state.record_batch_index
+            norms = torch.stack([c[b].float().norm(dim=-1) for c in contributions], dim=-1)
+            self._add(layer, "contribution", norms, state)
+
+    def observe_owned_contributions(self, layer: str, state: "DecoupledState", layout: "GridLayout", image_part: torch.Tensor) -> None:
+        if "contribution" in self.kinds:
+            norms = image_part[state.record_batch_index].float().norm(dim=-1)  # [N]
+            owner = layout.owner_on(norms.device)
+            subjects = torch.arange(len(state.boxes), device=norms.device)
+            self._add(layer, "contribution", norms[:, None] * (owner[:, None] == subjects[None, :]), state)
+
+    def observe_joint_contributions(self, layer: str, state: "DecoupledState", query: torch.Tensor,
+                                    subject_keys: Sequence[torch.Tensor], subject_values: Sequence[torch.Tensor], scale: float) -> None:
+        if "contribution" in self.kinds:
+            b = state.record_batch_index
+            q = query[b].float()
+            keys = torch.cat([k[b].float() for k in subject_keys], dim=1)
+            probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+            pieces = probs.split(subject_keys[0].shape[2], dim=-1)
+            norms = []
+            for piece, value in zip(pieces, subject_values):
+                out = piece @ value[b].float()  # [heads, N, d]: this subject's share of the joint output
+                norms.append((scale * out).transpose(0, 1).reshape(out.shape[1], -1).norm(dim=-1))
+            self._add(layer, "contribution", torch.stack(norms, dim=-1), state)
+
+    # --- aggregation -----------------------------------------------------------------------------
+    def _add(self, layer: str, kind: str, values: torch.Tensor, state: "DecoupledState") -> None:
+        """values: [N, items] for one layer; reshaped to [items, h, w] on the layer's grid."""
+        layout = state.grid_layout(values.shape[0])
+        grid = (layout.height, layout.width)
+        maps = values.transpose(0, 1).reshape(-1, *grid)
+        policy = self.config.policy
+        key = layer if policy == "layer" else f"{grid[0]}x{grid[1]}" if policy == "resolution" else "mean"
+        self.maps.layer_grids.setdefault(layer, grid)
+        pending = self._pending.get((kind, key))
+        if pending is None:
+            self._pending[(kind, key)] = [maps.clone(), 1, grid]
+            return
+        total, count, pending_grid = pending
+        if grid != pending_grid:  # only under "mean": bring both to the larger grid
+            if grid[0] * grid[1] > pending_grid[0] * pending_grid[1]:
+                total, pending_grid = _resize(total, grid), grid
+            else:
+                maps = _resize(maps, pending_grid)
+        self._pending[(kind, key)] = [total + maps, count + 1, pending_grid]
+
+    def _flush(self) -> None:
+        for (kind, key), (total, count, grid) in self._pending.items():
+            self.maps._store(kind, self.step, key, grid, (total / count).to("cpu", torch.float16))
+        self._pending.clear()
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+@dataclass
+class AttentionMaps:
+    """Recorded attention: ``entries[(kind, step, key)] = fp16 tensor [items, h, w]`` on the CPU.
+
+    ``key`` is a layer name (policy ``layer``), a grid like ``"32x32"`` (``resolution``) or ``"mean"``.
+    Items are ``subjects`` for ``affinity`` / ``contribution`` and ``words`` for ``text``.
+    """
+
+    kinds: list[str]
+    subjects: list[str]
+    words: list[str]
+    policy: str
+    budget_bytes: int
+    entries: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    layer_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dropped: list[tuple[str, int, str]] = field(default_factory=list)
+    nbytes: int = 0
+
+    def _store(self, kind: str, step: int, key: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
+        size = maps.numel() * maps.element_size()
+        if self.nbytes + size > self.budget_bytes:
+            self.dropped.append((kind, step, key))
+            return
+        self.entries[(kind, step, key)] = maps
+        self.grids[key] = grid
+        self.nbytes += size
+
+    # --- query API -------------------------------------------------------------------------------
+    @property
+    def steps(self) -> list[int]:
+        return sorted({step for _, step, _ in self.entries})
+
+    @property
+    def keys(self) -> list[str]:
+        """Layer names, grid names or ``"mean"``, by policy; largest grid first."""
+        return sorted(self.grids, key=lambda k: (-self.grids[k][0] * self.grids[k][1], k))
+
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        return sorted(set(self.grids.values()), key=lambda g: -g[0] * g[1])
+
+    def items(self, kind: str) -> list[str]:
+        return self.words if kind == "text" else self.subjects
+
+    def maps(
+        self,
+        kind: str = "affinity",
+        *,
+        steps: int | Sequence[int] | slice | None = None,
+        layers: str | Sequence[str] | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        items: Sequence[int | str] | None = None,
+        size: tuple[int, int] | None = None,
+        per_step: bool = False,
+    ) -> np.ndarray:
+        """Maps of one kind, averaged over the selected layers (and steps unless ``per_step``).
+
+        ``steps``: recorded step indices (int, list or slice; None = all). ``layers``: substrings of the
+        stored keys (diffusers layer names under policy ``layer``). ``resolution``: a grid height or
+        ``(h, w)``. ``items``: subject (or word) names or indices. ``size``: output ``(height, width)``,
+        default the largest selected grid; maps are upsampled bilinearly. Returns float32
+        ``[items, H, W]``, or ``[steps, items, H, W]`` with ``per_step=True``.
+        """
+        if kind not in self.kinds:
+            raise ValueError(f"{kind!r} maps were not recorded; recorded kinds: {self.kinds}.")
+        keys = self._select_keys(layers, resolution)
+        selected_steps = self._select_steps(steps, kind)
+        item_indices = self._select_items(kind, items)
+        if size is None:
+            size = max((self.grids[k] for k in keys), key=lambda g: g[0] * g[1])
+        per_step_maps = []
+        for step in selected_steps:
+            layer_maps = [
+                _resize(self.entries[(kind, step, key)][item_indices].float(), size)
+                for key in keys if (kind, step, key) in self.entries
+            ]
+            if not layer_maps:
+                raise ValueError(f"No {kind!r} maps recorded at step {step} for keys {keys} (dropped by the budget?).")
+            per_step_maps.append(torch.stack(layer_maps).mean(0))
+        stacked = torch.stack(per_step_maps)
+        result = stacked if per_step else stacked.mean(0)
+        return result.numpy().astype(np.float32)
+
+    def _select_keys(self, layers: str | Sequence[str] | None, resolution: int | tuple[int, int] | None) -> list[str]:
+        keys = self.keys
+        if layers is not None:
+            parts = (layers,) if isinstance(layers, str) else tuple(layers)
+            keys = [k for k in keys if any(part in k for part in parts)]
+        if resolution is not None:
+            wanted = (lambda g: g[0] == resolution) if isinstance(resolution, int) else (lambda g: tuple(g) == tuple(resolution))
+            keys = [k for k in keys if wanted(self.grids[k])]
+        if not keys:
+            raise ValueError(f"No recorded maps match layers={layers!r}, resolution={resolution!r}; keys: {self.keys}.")
+        return keys
+
+    def _select_steps(self, steps: int | Sequence[int] | slice | None, kind: str) -> list[int]:
+        recorded = sorted({s for k, s, _ in self.entries if k == kind})
+        if not recorded:
+            raise ValueError(f"No {kind!r} maps were recorded.")
+        if steps is None:
+            return recorded
+        if isinstance(steps, slice):
+            return recorded[steps]
+        wanted = [steps] if isinstance(steps, int) else list(steps)
+        missing = [s for s in wanted if s not in recorded]
+        if missing:
+            raise ValueError(f"Steps {missing} were not recorded; recorded steps: {recorded[0]}..{recorded[-1]}.")
+        return wanted
+
+    def _select_items(self, kind: str, items: Sequence[int | str] | None) -> list[int]:
+        names = self.items(kind)
+        if items is None:
+            return list(range(len(names)))
+        indices = []
+        for item in items:
+            if isinstance(item, str):
+                if item not in names:
+                    raise ValueError(f"{item!r} is not among the recorded {'words' if kind == 'text' else 'subjects'} {names}.")
+                indices.append(names.index(item))
+            else:
+                if not 0 <= int(item) < len(names):
+                    raise ValueError(f"Item index {item} is out of range for {len(names)} items.")
+                indices.append(int(item))
+        return indices
+
+    # --- persistence (used by Run.save / Run.load) -----------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"attention/{kind}/{step}/{key}": maps.contiguous() for (kind, step, key), maps in self.entries.items()}
+
+    def metadata(self) -> dict:
+        return {
+            "kinds": self.kinds, "subjects": self.subjects, "words": self.words, "policy": self.policy,
+            "budget_bytes": self.budget_bytes, "nbytes": self.nbytes,
+            "grids": {k: list(v) for k, v in self.grids.items()},
+            "layer_grids": {k: list(v) for k, v in self.layer_grids.items()},
+            "dropped": [list(d) for d in self.dropped],
+        }
+
+    @classmethod
+    def from_saved(cls, metadata: dict, tensors: dict[str, torch.Tensor]) -> "AttentionMaps":
+        maps = cls(
+            kinds=list(metadata["kinds"]), subjects=list(metadata["subjects"]), words=list(metadata["words"]),
+            policy=metadata["policy"], budget_bytes=int(metadata["budget_bytes"]),
+            grids={k: tuple(v) for k, v in metadata["grids"].items()},
+            layer_grids={k: tuple(v) for k, v in metadata["layer_grids"].items()},
+            dropped=[tuple(d) for d in metadata["dropped"]], nbytes=int(metadata["nbytes"]),
+        )
+        for name, tensor in tensors.items():
+            if name.startswith("attention/"):
+                _, kind, step, key = name.split("/", 3)
+                maps.entries[(kind, int(step), key)] = tensor
+        return maps
+
+
+def find_word_tokens(tokenizer, prompt: str, words: Iterable[str]) -> dict[str, list[int]]:
+    """Token positions of each word in the tokenized prompt (BOS counted), for text maps."""
+    prompt_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    found = {}
+    for word in words:
+        word_ids = tokenizer(word, add_special_tokens=False).input_ids
+        positions = [
+            list(range(start, start + len(word_ids)))
+            for start in range(len(prompt_ids) - len(word_ids) + 1)
+            if prompt_ids[start:start + len(word_ids)] == word_ids
+        ]
+        if not word_ids or not positions:
+            raise ValueError(f"The word {word!r} is not in the prompt {prompt!r} (as tokenized); cannot map it.")
+        found[word] = [index for occurrence in positions for index in occurrence]
+    return found
