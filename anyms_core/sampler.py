@@ -8,6 +8,7 @@ the predicted clean image (x0) at every step, and timings.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import asdict
 from typing import Sequence
@@ -118,6 +119,7 @@ class AnyMS:
             "model": self.model_name,
             "record": None if record_config is None else asdict(record_config),
         }
+        config = json.loads(json.dumps(config))  # exactly what Run.save writes and Run.load reads back
         timings = {"total": total, "per_step": per_step, "steps_per_s": len(per_step) / total if total > 0 else None}
         return Run(images, config, [s.image for s in subjects], session.attention, preview_images, timings)
 

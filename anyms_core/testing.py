@@ -159,7 +159,7 @@ def tiny_sd15_pipeline(ip_adapter: str | None = "base", seed: int = 0) -> Stable
     image_encoder, feature_extractor = _image_encoder()
     pipe = StableDiffusionPipeline(
         vae=_vae(), text_encoder=CLIPTextModel(_text_config()).eval(), tokenizer=tiny_tokenizer(), unet=unet,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
         safety_checker=None, feature_extractor=feature_extractor, image_encoder=image_encoder,
         requires_safety_checker=False,
     )

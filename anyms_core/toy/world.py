@@ -129,17 +129,17 @@ def render_backgrounds(
     # night: dark blue, lighter at the horizon, sparse stars
     night = rgb((0.04, 0.06, 0.20)) * one + 0.06 * y.unsqueeze(1) + stars.unsqueeze(1) * rgb((0.55, 0.55, 0.45))
     # sand: beige with diagonal ripples
-    ripple = torch.sin(2 * math.pi * (5 * x + 3 * y) + phase[:, 0, 0])
+    ripple = torch.sin(2 * math.pi * (5 * x + 3 * y) + phase[:, 0])
     sand = rgb((0.82, 0.72, 0.50)) * one + (0.045 * ripple + 0.03 * pix).unsqueeze(1)
     # snow: near white with a blue shade and fine grain
-    snow = rgb((0.90, 0.92, 0.96)) * one + (0.025 * pix - 0.04 * x * torch.cos(phase[:, 1, 0])).unsqueeze(1)
+    snow = rgb((0.90, 0.92, 0.96)) * one + (0.025 * pix - 0.04 * x * torch.cos(phase[:, 1])).unsqueeze(1)
     # water: blue with horizontal waves
-    wave = torch.sin(2 * math.pi * (5 * y + 0.25 * torch.sin(2 * math.pi * 2 * x + phase[:, 2, 0])) + phase[:, 3, 0])
+    wave = torch.sin(2 * math.pi * (5 * y + 0.25 * torch.sin(2 * math.pi * 2 * x + phase[:, 2])) + phase[:, 3])
     water = rgb((0.12, 0.32, 0.62)) * one + (0.07 * wave + 0.02 * pix).unsqueeze(1)
     # bricks: staggered rows of bricks with light mortar
-    row = torch.floor(y * 4 + phase[:, 0, 0] / (2 * math.pi))
-    mortar_h = torch.frac(y * 4 + phase[:, 0, 0] / (2 * math.pi)) < 0.14
-    mortar_v = torch.frac(x * 3 + 0.5 * torch.remainder(row, 2) + phase[:, 1, 0] / (2 * math.pi)) < 0.09
+    row = torch.floor(y * 4 + phase[:, 0] / (2 * math.pi))
+    mortar_h = torch.frac(y * 4 + phase[:, 0] / (2 * math.pi)) < 0.14
+    mortar_v = torch.frac(x * 3 + 0.5 * torch.remainder(row, 2) + phase[:, 1] / (2 * math.pi)) < 0.09
     brick_id_y = torch.remainder(row, 8).long()
     brick_id_x = torch.remainder(torch.floor(x * 3 + 0.5 * torch.remainder(row, 2)), 8).long()
     brick_tint = torch.gather(tint.view(b, 64), 1, (brick_id_y * 8 + brick_id_x).view(b, -1)).view(b, height, width)

@@ -1,0 +1,268 @@
+"""Exact, procedural metrics for the toy world (no pretrained detector).
+
+For each subject of a case: find the blobs of its colour in the generated image (pixels within
+`COLOR_RADIUS` of the sprite colour, 8-connected components), keep only real blobs (enough pixels,
+a filled bounding box: pure noise fails this), pick the blob that best overlaps the target box (or
+the largest one), and report its box IoU with the target box, `placed` (IoU >= 0.5), and its shape
+(best IoU against the four shape templates fitted to its bounding box). Identity is correct when
+that blob has the subject's shape (its colour is right by construction). AP50 ranks all real blobs
+of every sprite colour in a set of images against the subjects of that colour. The background is
+the nearest background palette to the median colour outside the target boxes, accepted only when
+most of those pixels agree with it.
+
+Calibration (see tests/test_toy_metrics.py): rendered scenes score ~1 (the ceiling), pure noise ~0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import world
+
+COLOR_RADIUS = 0.3  # RGB distance (in [0, 1] units) within which a pixel counts as a sprite colour
+MIN_AREA = 6  # pixels (at 32 px); scaled by image area
+MIN_FILL = 0.35  # blob area / bounding-box area (triangles are 0.5, crosses 0.64)
+MIN_SIDE = 3  # pixels (at 32 px)
+BACKGROUND_RADIUS = 0.12  # median colour distance to a background's reference median
+BACKGROUND_AGREEMENT = 0.6  # share of outside pixels within 0.2 of that median
+PLACED_IOU = 0.5
+
+
+@dataclass
+class Blob:
+    """A connected region of one sprite colour. `box` is normalized [x0, y0, x1, y1]."""
+
+    color: str
+    box: list[float]
+    area: int
+    fill: float
+    shape: str
+    shape_score: float  # IoU with the best shape template
+
+
+def _as_array(image: "Image.Image | np.ndarray | torch.Tensor") -> np.ndarray:
+    """-> float [H, W, 3] in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float()
+        if image.ndim == 3 and image.shape[0] == 3:
+            image = image.permute(1, 2, 0)
+        return image.clamp(0, 1).numpy()
+    array = np.asarray(image, dtype=np.float32)
+    return array / 255.0 if array.max() > 1.0 else array
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components of a boolean mask, as arrays of (y, x) pixel coordinates."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    out = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, pixels = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            pixels.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        out.append(np.array(pixels))
+    return out
+
+
+def _shape_templates(box_px: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+    """[4, H, W] boolean masks of each shape fitted to a pixel bounding box (x0, y0, x1, y1 exclusive)."""
+    x0, y0, x1, y1 = box_px
+    box = torch.tensor([[x0 / width, y0 / height, x1 / width, y1 / height]], dtype=torch.float32)
+    box = box.expand(len(world.SHAPES), 4).reshape(1, len(world.SHAPES), 4)
+    ids = torch.arange(len(world.SHAPES)).view(1, -1)
+    return (world.sprite_alpha(ids, box, height, width)[0] >= 0.5).numpy()
+
+
+def color_mask(image, color: str) -> np.ndarray:
+    array = _as_array(image)
+    rgb = np.asarray(world.COLORS[color], dtype=np.float32)
+    return np.linalg.norm(array - rgb, axis=-1) < COLOR_RADIUS
+
+
+def find_blobs(image, color: str) -> list[Blob]:
+    """All real blobs (area, side and fill checks) of one sprite colour, largest first."""
+    array = _as_array(image)
+    h, w = array.shape[:2]
+    scale = (h * w) / (32 * 32)
+    mask = color_mask(array, color)
+    blobs = []
+    for pixels in _components(mask):
+        ys, xs = pixels[:, 0], pixels[:, 1]
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        area = len(pixels)
+        fill = area / float((x1 - x0) * (y1 - y0))
+        side_min = MIN_SIDE * math.sqrt(scale)
+        if area < MIN_AREA * scale or fill < MIN_FILL or (x1 - x0) < side_min or (y1 - y0) < side_min:
+            continue
+        blob_mask = np.zeros((h, w), dtype=bool)
+        blob_mask[ys, xs] = True
+        templates = _shape_templates((int(x0), int(y0), int(x1), int(y1)), h, w)
+        inter = (templates & blob_mask).sum(axis=(1, 2))
+        union = (templates | blob_mask).sum(axis=(1, 2))
+        ious = inter / np.maximum(union, 1)
+        best = int(np.argmax(ious))
+        blobs.append(
+            Blob(color, [x0 / w, y0 / h, x1 / w, y1 / h], area, fill, world.SHAPES[best], float(ious[best]))
+        )
+    return sorted(blobs, key=lambda b: -b.area)
+
+
+def find_subject(image, sprite: "world.Sprite | str", box: list[float] | None) -> Blob | None:
+    """The blob of the sprite's colour that best overlaps `box` (or the largest one); None if absent."""
+    sprite = world.Sprite.parse(sprite)
+    blobs = find_blobs(image, sprite.color)
+    if not blobs:
+        return None
+    if box is not None:
+        best = max(blobs, key=lambda b: box_iou(b.box, box))
+        if box_iou(best.box, box) > 0:
+            return best
+    return blobs[0]
+
+
+@lru_cache(maxsize=4)
+def _background_medians(size: int = 32) -> np.ndarray:
+    """[len(BACKGROUNDS), 3] reference median colour of each background (rendered, 16 seeds each)."""
+    kinds = torch.arange(len(world.BACKGROUNDS)).repeat_interleave(16)
+    images = world.render_backgrounds(kinds, size, size, torch.Generator().manual_seed(0))
+    pixels = images.permute(0, 2, 3, 1).reshape(len(world.BACKGROUNDS), -1, 3)
+    return pixels.median(dim=1).values.numpy()
+
+
+def classify_background(image, boxes: list[list[float]] = ()) -> str | None:
+    """The background name, judged outside the given boxes; None when no background fits."""
+    array = _as_array(image)
+    h, w = array.shape[:2]
+    outside = np.ones((h, w), dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        outside[int(math.floor(y0 * h)) : int(math.ceil(y1 * h)), int(math.floor(x0 * w)) : int(math.ceil(x1 * w))] = False
+    pixels = array[outside] if outside.sum() >= 16 else array.reshape(-1, 3)
+    median = np.median(pixels, axis=0)
+    references = _background_medians()
+    distances = np.linalg.norm(references - median, axis=1)
+    best = int(np.argmin(distances))
+    if distances[best] > BACKGROUND_RADIUS:
+        return None
+    agreement = (np.linalg.norm(pixels - references[best], axis=1) < 0.2).mean()
+    return world.BACKGROUNDS[best] if agreement >= BACKGROUND_AGREEMENT else None
+
+
+# --------------------------------------------------------------------------------------------
+# Per case and over a set of cases
+# --------------------------------------------------------------------------------------------
+def score_case(image, case: "world.Case") -> dict:
+    """Per-subject detection, IoU, placement and identity, plus the background, for one image."""
+    subjects = []
+    for sprite, box in case.subjects:
+        blob = find_subject(image, sprite, box)
+        iou = box_iou(blob.box, box) if blob is not None else 0.0
+        subjects.append(
+            {
+                "sprite": sprite.name,
+                "box": box,
+                "detected_box": None if blob is None else [round(v, 4) for v in blob.box],
+                "iou": iou,
+                "placed": iou >= PLACED_IOU,
+                "shape_pred": None if blob is None else blob.shape,
+                "identity": blob is not None and blob.shape == sprite.shape,
+            }
+        )
+    background = classify_background(image, case.boxes)
+    detections = [
+        {"color": c, "box": b.box, "score": b.shape_score * min(1.0, b.fill / 0.5)}
+        for c in world.COLOR_NAMES
+        for b in find_blobs(image, c)
+    ]
+    return {
+        "subjects": subjects,
+        "background_pred": background,
+        "background": background == case.background,
+        "detections": detections,
+    }
+
+
+def average_precision(scores: list[dict], iou_threshold: float = PLACED_IOU) -> float:
+    """AP at `iou_threshold` over a set of scored cases, per colour class (COCO 101-point), averaged."""
+    aps = []
+    for color in world.COLOR_NAMES:
+        gts = [(i, s["box"]) for i, sc in enumerate(scores) for s in sc["subjects"] if s["sprite"].startswith(color + " ")]
+        if not gts:
+            continue
+        dets = sorted(
+            ((d["score"], i, d["box"]) for i, sc in enumerate(scores) for d in sc["detections"] if d["color"] == color),
+            key=lambda t: -t[0],
+        )
+        matched = set()
+        tp = []
+        for _, i, box in dets:
+            best, best_iou = None, iou_threshold
+            for j, (gi, gbox) in enumerate(gts):
+                if gi == i and j not in matched:
+                    iou = box_iou(box, gbox)
+                    if iou >= best_iou:
+                        best, best_iou = j, iou
+            tp.append(best is not None)
+            if best is not None:
+                matched.add(best)
+        tp_cum = np.cumsum(tp) if tp else np.zeros(0)
+        recall = tp_cum / len(gts)
+        precision = tp_cum / np.arange(1, len(tp) + 1) if tp else np.zeros(0)
+        ap = 0.0
+        for r in np.linspace(0, 1, 101):
+            p = precision[recall >= r].max() if (recall >= r).any() else 0.0
+            ap += p / 101
+        aps.append(ap)
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def summarize(scores: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
+    """Means with 95% CIs (bootstrap over cases) of IoU, placed, AP50, identity, background, all-placed."""
+    rng = np.random.default_rng(seed)
+    n = len(scores)
+
+    def stats(indices) -> dict:
+        subset = [scores[i] for i in indices]
+        subjects = [s for sc in subset for s in sc["subjects"]]
+        return {
+            "iou": float(np.mean([s["iou"] for s in subjects])),
+            "placed": float(np.mean([s["placed"] for s in subjects])),
+            "identity": float(np.mean([s["identity"] for s in subjects])),
+            "background": float(np.mean([sc["background"] for sc in subset])),
+            "all_placed": float(np.mean([all(s["placed"] for s in sc["subjects"]) for sc in subset])),
+            "ap50": average_precision(subset),
+        }
+
+    point = stats(range(n))
+    samples = [stats(rng.integers(0, n, n)) for _ in range(bootstrap)] if bootstrap and n > 1 else []
+    out = {"cases": n, "subjects": sum(len(sc["subjects"]) for sc in scores)}
+    for key, value in point.items():
+        values = [s[key] for s in samples]
+        low, high = (np.percentile(values, [2.5, 97.5]) if values else (value, value))
+        out[key] = {"mean": round(value, 4), "ci95": [round(float(low), 4), round(float(high), 4)]}
+    return out

@@ -1,0 +1,520 @@
+"""Train the toy-world model in two stages, like SD + IP-Adapter, within a wall-clock budget.
+
+Stage 1 (text-to-image base): UNet + text encoder on scenes whose sprites the text cannot control.
+Half the scenes are empty backgrounds with a prompt naming the background ("a photo on grass"); the
+other half hold 1-3 random sprites and the prompt only says "things on grass". So the base can draw
+sprites, but nothing in the text chooses which sprite or where.
+
+Stage 2 (image adapter): the base is frozen; the image encoder, the image projection and every
+cross-attention layer's to_k_ip / to_v_ip (diffusers' stock IP-Adapter modules, loaded through
+`load_ip_adapter`) learn on single-sprite scenes whose prompt names only the background. The reference
+is an augmented view of that one sprite (recentred, rescaled, on another backdrop). Training never sees
+a layout or a multi-subject reference: multi-subject composition must come from AnyMS, training-free.
+
+Data is rendered on the training device, a whole batch at a time (`world.render_batch`), so a GPU is
+not starved. The budget (`--minutes`) is split between the stages; checkpoints are written every few
+minutes and `--resume` continues from the last one (the budget counts the time already spent).
+
+    python -m anyms_core.toy.train --out toy_ckpt --minutes 8 --device cuda --batch-size 512
+
+writes toy_ckpt/weights/ (the shipped layout), toy_ckpt/loss_log.csv, toy_ckpt/samples.png,
+toy_ckpt/train_summary.json and toy_ckpt/checkpoint.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import world
+from .pipeline import (
+    ToyWorldPipeline,
+    build_components,
+    fold,
+    initial_ip_adapter_state_dict,
+    load_toy_pipeline,
+    save_toy_pipeline,
+)
+
+EMPTY_T, THINGS_T = world.EMPTY_TEMPLATES, world.THINGS_TEMPLATES
+
+
+# --------------------------------------------------------------------------------------------
+# Data: whole batches rendered on the device
+# --------------------------------------------------------------------------------------------
+def prompt_table() -> list[str]:
+    """All training prompts: index 0 is the empty prompt (dropped text), then per background
+    its EMPTY templates followed by its THINGS templates."""
+    prompts = [""]
+    for background in world.BACKGROUNDS:
+        place = world._PLACE_WORDS[background]
+        prompts += [t.format(place=place) for t in EMPTY_T] + [t.format(place=place) for t in THINGS_T]
+    return prompts
+
+
+def random_boxes(n: int, k: int, lo: float, hi: float, generator: torch.Generator, device) -> torch.Tensor:
+    """[n, k, 4] boxes: side ~ U(lo, hi), aspect ratio 0.6-1.6, anywhere inside the image."""
+    side = lo + (hi - lo) * torch.rand(n, k, generator=generator, device=device)
+    aspect = torch.exp(math.log(0.6) + (math.log(1.6) - math.log(0.6)) * torch.rand(n, k, generator=generator, device=device))
+    w = (side * aspect.sqrt()).clamp(max=1.0)
+    h = (side / aspect.sqrt()).clamp(max=1.0)
+    x0 = (1 - w) * torch.rand(n, k, generator=generator, device=device)
+    y0 = (1 - h) * torch.rand(n, k, generator=generator, device=device)
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)
+
+
+def _randint(high: int, shape, generator, device) -> torch.Tensor:
+    return torch.randint(0, high, shape, generator=generator, device=device)
+
+
+def stage1_batch(n: int, size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [n, 3, H, W] in [-1, 1] and prompt indices [n] into prompt_table()."""
+    backgrounds = _randint(len(world.BACKGROUNDS), (n,), generator, device)
+    has_things = torch.rand(n, generator=generator, device=device) < 0.5
+    k = 3
+    count = 1 + _randint(k, (n,), generator, device)
+    present = (torch.arange(k, device=device).view(1, k) < count.view(n, 1)) & has_things.view(n, 1)
+    images = world.render_batch(
+        backgrounds,
+        _randint(len(world.SHAPES), (n, k), generator, device),
+        _randint(len(world.COLOR_NAMES), (n, k), generator, device),
+        random_boxes(n, k, 0.2, 0.7, generator, device),
+        present,
+        size,
+        size,
+        generator,
+    )
+    per_background = len(EMPTY_T) + len(THINGS_T)
+    template = torch.where(
+        has_things,
+        len(EMPTY_T) + _randint(len(THINGS_T), (n,), generator, device),
+        _randint(len(EMPTY_T), (n,), generator, device),
+    )
+    prompts = 1 + backgrounds * per_background + template
+    drop_text = torch.rand(n, generator=generator, device=device) < 0.1
+    prompts = torch.where(drop_text, torch.zeros_like(prompts), prompts)
+    return images * 2 - 1, prompts
+
+
+def stage2_batch(
+    n: int, size: int, generator: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-sprite scenes [n, 3, H, W] in [-1, 1], prompt indices [n], reference pixel values
+    [n, 3, 32, 32] (normalized as the feature extractor does) and a keep-image mask [n]."""
+    backgrounds = _randint(len(world.BACKGROUNDS), (n,), generator, device)
+    shapes = _randint(len(world.SHAPES), (n, 1), generator, device)
+    colors = _randint(len(world.COLOR_NAMES), (n, 1), generator, device)
+    # Sizes vary widely, up to nearly the whole image, so that a subject injected into any box
+    # region is a plausible "sprite filling this region".
+    boxes = random_boxes(n, 1, 0.2, 0.95, generator, device)
+    present = torch.ones(n, 1, dtype=torch.bool, device=device)
+    images = world.render_batch(backgrounds, shapes, colors, boxes, present, size, size, generator)
+
+    # Reference: the same sprite recentred and rescaled (fill 0.5-0.9, keeping or squaring its aspect
+    # ratio, jittered), on the scene's background (30%), another background (40%) or plain grey (30%).
+    u = torch.rand(n, generator=generator, device=device)
+    other = (backgrounds + 1 + _randint(len(world.BACKGROUNDS) - 1, (n,), generator, device)) % len(world.BACKGROUNDS)
+    ref_backgrounds = torch.where(u < 0.3, backgrounds, torch.where(u < 0.7, other, torch.full_like(other, len(world.BACKGROUNDS))))
+    fill = 0.5 + 0.4 * torch.rand(n, generator=generator, device=device)
+    w, h = boxes[:, 0, 2] - boxes[:, 0, 0], boxes[:, 0, 3] - boxes[:, 0, 1]
+    keep_aspect = torch.rand(n, generator=generator, device=device) < 0.5
+    aspect = torch.where(keep_aspect, (w / h).clamp(0.6, 1.6), torch.ones_like(w))
+    rw, rh = fill * aspect.sqrt().clamp(max=1 / fill), fill / aspect.sqrt().clamp(min=fill)
+    rw, rh = rw.clamp(max=0.95), rh.clamp(max=0.95)
+    cx = 0.5 + (1 - rw) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
+    cy = 0.5 + (1 - rh) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
+    ref_boxes = torch.stack([cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2], dim=-1).view(n, 1, 4)
+    refs = world.render_batch(ref_backgrounds, shapes, colors, ref_boxes, present, 32, 32, generator)
+    refs = torch.round(refs * 255) / 255  # what a PIL reference holds
+    refs = (refs - 0.5) / 0.5  # CLIPImageProcessor(image_mean=0.5, image_std=0.5)
+
+    per_background = len(EMPTY_T) + len(THINGS_T)
+    prompts = 1 + backgrounds * per_background + _randint(len(EMPTY_T), (n,), generator, device)
+    r = torch.rand(n, generator=generator, device=device)
+    drop_image = r < 0.10  # zero image embedding = diffusers' negative = no image branch at all
+    drop_text = (r >= 0.05) & (r < 0.15)  # 5% both dropped, 5% text only
+    prompts = torch.where(drop_text, torch.zeros_like(prompts), prompts)
+    return images * 2 - 1, prompts, refs, ~drop_image
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion objective (zero terminal SNR, v-prediction)
+# --------------------------------------------------------------------------------------------
+def training_alphas_cumprod(scheduler) -> torch.Tensor:
+    """The training schedule the sampler was configured with (exactly 0 signal at t = T-1)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config).alphas_cumprod.clone()
+
+
+def v_loss(unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None) -> torch.Tensor:
+    x0 = fold(images)
+    n = x0.shape[0]
+    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    a = alphas_cumprod[t].sqrt().view(n, 1, 1, 1)
+    s = (1 - alphas_cumprod[t]).sqrt().view(n, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    target = a * noise - s * x0
+    pred = unet(x_t, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+    return F.mse_loss(pred.float(), target.float())
+
+
+# --------------------------------------------------------------------------------------------
+# Training state
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a set of named parameters (what gets shipped)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for k, p in params.items():
+            p.copy_(self.shadow[k])
+
+
+def stage1_params(pipe: ToyWorldPipeline) -> dict[str, torch.nn.Parameter]:
+    params = {f"unet.{k}": p for k, p in pipe.unet.named_parameters()}
+    params.update({f"text_encoder.{k}": p for k, p in pipe.text_encoder.named_parameters()})
+    return params
+
+
+def stage2_params(pipe: ToyWorldPipeline) -> dict[str, torch.nn.Parameter]:
+    """Image encoder + image projection (its biases stay 0, see initial_ip_adapter_state_dict) + to_k_ip / to_v_ip."""
+    params = {f"image_encoder.{k}": p for k, p in pipe.image_encoder.named_parameters()}
+    for k, p in pipe.unet.named_parameters():
+        if "to_k_ip" in k or "to_v_ip" in k:
+            params[f"unet.{k}"] = p
+        elif k.startswith("encoder_hid_proj") and not k.endswith("bias"):
+            params[f"unet.{k}"] = p
+    return params
+
+
+def lr_at(fraction: float, base: float, warmup: float = 0.03) -> float:
+    """Linear warm-up over the first 3% of the stage, then cosine decay to 10% (by time or steps)."""
+    if fraction < warmup:
+        return base * max(fraction / warmup, 0.01)
+    progress = min((fraction - warmup) / (1 - warmup), 1.0)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_pipeline(seed: int, device: torch.device, with_adapter: bool) -> ToyWorldPipeline:
+    pipe = ToyWorldPipeline(**build_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    if with_adapter:
+        add_adapter(pipe, seed)
+    return pipe.to(device)
+
+
+def add_adapter(pipe: ToyWorldPipeline, seed: int) -> None:
+    state = initial_ip_adapter_state_dict(pipe.unet, pipe.image_encoder.config.projection_dim, seed=seed)
+    pipe.load_ip_adapter(state, subfolder=None, weight_name=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Quick checks during training (a few seconds): background accuracy from pure noise, subject presence
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def quick_check(pipe: ToyWorldPipeline, stage: int, n: int, seed: int) -> tuple[dict, list]:
+    from . import metrics
+
+    device = pipe.device
+    images, rows = [], {"background": [], "subject_found": [], "shape_ok": []}
+    for i in range(n):
+        background = world.BACKGROUNDS[i % len(world.BACKGROUNDS)]
+        kwargs = {}
+        case = None
+        if stage == 2:
+            case = world.make_case(1, 77_000 + seed * 1000 + i, background=background)
+            kwargs["ip_adapter_image"] = [[case.references[0]]]
+        g = torch.Generator(device="cpu").manual_seed(seed * 1000 + i)
+        latents = torch.randn((1, 12, 16, 16), generator=g).to(device)
+        image = pipe(world.DEFAULT_PROMPTS[background], latents=latents, **kwargs).images[0]
+        images.append(image)
+        bg_pred = metrics.classify_background(image, boxes=[] if case is None else case.boxes)
+        rows["background"].append(float(bg_pred == background))
+        if case is not None:
+            found = metrics.find_subject(image, case.sprites[0], None)
+            rows["subject_found"].append(float(found is not None))
+            rows["shape_ok"].append(float(found is not None and found.shape == case.sprites[0].shape))
+    summary = {k: round(sum(v) / len(v), 3) for k, v in rows.items() if v}
+    return summary, images
+
+
+def image_grid(images: list, columns: int, scale: int = 4):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * (w + 2), (i // columns) * (h + 2)))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
+# --------------------------------------------------------------------------------------------
+# Main loop
+# --------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m anyms_core.toy.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (checkpoint, logs, final weights)")
+    p.add_argument("--minutes", type=float, default=60.0, help="total wall-clock budget over all resumes")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stage1-fraction", type=float, default=0.4, help="share of the training time for stage 1")
+    p.add_argument("--stage1-steps", type=int, default=None, help="fixed step count for stage 1 (overrides time)")
+    p.add_argument("--stage2-steps", type=int, default=None, help="fixed step count for stage 2 (overrides time)")
+    p.add_argument("--lr1", type=float, default=6e-4)
+    p.add_argument("--lr2", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--check-images", type=int, default=12, help="images per quick check at each checkpoint")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on shared cores)")
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    t_start = time.perf_counter()
+
+    budget = args.minutes * 60.0
+    reserve = min(60.0, 0.08 * budget)  # final export, sample grid and check
+    train_budget = max(budget - reserve, 1.0)
+    stage_budget = {1: args.stage1_fraction * train_budget, 2: (1 - args.stage1_fraction) * train_budget}
+    stage_steps = {1: args.stage1_steps, 2: args.stage2_steps}
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    state = {"stage": 1, "step": {1: 0, 2: 0}, "elapsed": {1: 0.0, 2: 0.0}, "log": [], "checks": []}
+    pipe = build_pipeline(args.seed, device, with_adapter=False)
+    resumed_optimizer = resumed_ema = None
+    if args.resume and ckpt_path.exists():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if saved["has_adapter"]:
+            add_adapter(pipe, args.seed)
+        pipe.unet.load_state_dict(saved["unet"])
+        pipe.text_encoder.load_state_dict(saved["text_encoder"])
+        pipe.image_encoder.load_state_dict(saved["image_encoder"])
+        if saved["stage"] >= 2 and not saved["has_adapter"]:
+            add_adapter(pipe, args.seed)  # stage 1 finished: a fresh adapter on the final base
+        pipe.to(device)
+        generator.set_state(saved["generator"])
+        state = {k: saved[k] for k in ("stage", "step", "elapsed", "log", "checks")}
+        resumed_optimizer, resumed_ema = saved["optimizer"], saved["ema"]
+        print(f"resumed from {ckpt_path}: stage {state['stage']}, steps {state['step']}, "
+              f"{sum(state['elapsed'].values()) / 60:.1f} min done", file=sys.stderr)
+    elif args.resume:
+        print(f"--resume: no checkpoint at {ckpt_path}, starting fresh", file=sys.stderr)
+
+    tokens = pipe.tokenizer(
+        prompt_table(), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    alphas_cumprod = training_alphas_cumprod(pipe.scheduler).to(device)
+    log_csv = out / "loss_log.csv"
+    if not log_csv.exists() or not args.resume:
+        log_csv.write_text("stage,step,seconds,loss,lr\n")
+
+    for stage in (1, 2):
+        if state["stage"] > stage:
+            continue
+        if stage == 2 and state["stage"] == 1:
+            # freeze the base (its EMA weights) and attach a fresh adapter
+            state["stage"] = 2
+            add_adapter(pipe, args.seed)
+            pipe.to(device)
+            resumed_optimizer = resumed_ema = None
+        params = stage1_params(pipe) if stage == 1 else stage2_params(pipe)
+        for p in pipe.unet.parameters():
+            p.requires_grad_(False)
+        for p in list(pipe.text_encoder.parameters()) + list(pipe.image_encoder.parameters()):
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        base_lr = args.lr1 if stage == 1 else args.lr2
+        optimizer = torch.optim.AdamW(params.values(), lr=base_lr, weight_decay=0.0 if stage == 2 else 0.01)
+        ema = EMA(params, args.ema)
+        if resumed_optimizer is not None:
+            optimizer.load_state_dict(resumed_optimizer)
+            ema.shadow = {k: v.to(device) for k, v in resumed_ema.items()}
+            resumed_optimizer = resumed_ema = None
+        n_params = sum(p.numel() for p in params.values())
+        print(f"stage {stage}: {n_params / 1e6:.2f} M trainable parameters, batch {args.batch_size}, {device}", file=sys.stderr)
+
+        pipe.unet.train()
+        pipe.text_encoder.train(stage == 1)
+        pipe.image_encoder.train(stage == 2)
+        budget_s, fixed_steps = stage_budget[stage], stage_steps[stage]
+        last_ckpt = time.perf_counter()
+        running, running_n = 0.0, 0
+        bar = tqdm(
+            total=fixed_steps if fixed_steps else round(budget_s),
+            initial=state["step"][stage] if fixed_steps else min(round(state["elapsed"][stage]), round(budget_s)),
+            unit="step" if fixed_steps else "s",
+            desc=f"stage {stage}",
+            dynamic_ncols=True,
+        )
+        while True:
+            step = state["step"][stage]
+            fraction = step / fixed_steps if fixed_steps else state["elapsed"][stage] / budget_s
+            if fraction >= 1:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(fraction, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if stage == 1:
+                images, prompts = stage1_batch(args.batch_size, 32, generator, device)
+                text_embeds = pipe.text_encoder(tokens[prompts])[0]
+                loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator)
+            else:
+                images, prompts, refs, keep = stage2_batch(args.batch_size, 32, generator, device)
+                with torch.no_grad():
+                    text_embeds = pipe.text_encoder(tokens[prompts])[0]
+                image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
+                added = {"image_embeds": [image_embeds.unsqueeze(1)]}  # [B, 1 image, dim], one adapter
+                loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator, added)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            ema.update(params, step)
+            state["step"][stage] = step + 1
+            running += loss.item()
+            running_n += 1
+            dt = time.perf_counter() - t0
+            state["elapsed"][stage] += dt
+            bar.update(1 if fixed_steps else min(dt, max(budget_s - bar.n, 0)))
+            if (step + 1) % args.log_every == 0:
+                row = {"stage": stage, "step": step + 1, "seconds": round(state["elapsed"][stage], 2),
+                       "loss": running / running_n, "lr": lr}
+                state["log"].append(row)
+                with open(log_csv, "a") as f:
+                    f.write(f"{stage},{step + 1},{row['seconds']},{row['loss']:.6f},{lr:.3g}\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", steps=step + 1, it_s=f"{(step + 1) / max(state['elapsed'][stage], 1e-6):.1f}")
+                running, running_n = 0.0, 0
+            if time.perf_counter() - last_ckpt > args.checkpoint_minutes * 60:
+                t1 = time.perf_counter()
+                _checkpoint(pipe, optimizer, ema, params, state, generator, ckpt_path, stage, args)
+                last_ckpt = time.perf_counter()
+                state["elapsed"][stage] += last_ckpt - t1  # checks count against the budget too
+        bar.close()
+        # End of stage: the EMA weights are the result (and the frozen base of stage 2).
+        ema.copy_to(params)
+        _checkpoint(pipe, optimizer, ema, params, state, generator, ckpt_path, stage, args, final=True)
+
+    # Export the shipped layout, reload it the way users do, and make the sample grid from it.
+    weights = out / "weights"
+    save_toy_pipeline(pipe, weights)
+    shipped = load_toy_pipeline(weights, device=device)
+    summary, images = quick_check(shipped, 2, max(args.check_images, 6), seed=12345)
+    text_summary, text_images = _text_only_check(shipped, 6)
+    image_grid(text_images + images, columns=6).save(out / "samples.png")
+    result = {
+        "args": vars(args),
+        "steps": state["step"],
+        "train_seconds": state["elapsed"],
+        "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "final_check": {"text_only": text_summary, "one_subject": summary},
+        "checks": state["checks"],
+    }
+    (out / "train_summary.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("steps", "train_seconds", "wall_seconds_this_run", "final_check")}), file=sys.stderr)
+    return result
+
+
+@torch.no_grad()
+def _text_only_check(pipe: ToyWorldPipeline, n: int) -> tuple[dict, list]:
+    """Text-only generations need image embeds once an adapter is loaded: pass zeros (= no image)."""
+    from . import metrics
+
+    dim = pipe.image_encoder.config.projection_dim
+    images, ok = [], []
+    for i in range(n):
+        background = world.BACKGROUNDS[i % len(world.BACKGROUNDS)]
+        g = torch.Generator(device="cpu").manual_seed(999 + i)
+        latents = torch.randn((1, 12, 16, 16), generator=g).to(pipe.device)
+        zeros = torch.zeros(2, 1, dim, device=pipe.device)  # [negative; positive] for CFG
+        image = pipe(world.DEFAULT_PROMPTS[background], latents=latents, ip_adapter_image_embeds=[zeros]).images[0]
+        images.append(image)
+        ok.append(float(metrics.classify_background(image, boxes=[]) == background))
+    return {"background": round(sum(ok) / len(ok), 3)}, images
+
+
+def _checkpoint(pipe, optimizer, ema, params, state, generator, path, stage, args, final: bool = False) -> None:
+    """Save everything needed to resume; run the quick check on the EMA weights and log it."""
+    saved = {
+        "unet": pipe.unet.state_dict(),
+        "text_encoder": pipe.text_encoder.state_dict(),
+        "image_encoder": pipe.image_encoder.state_dict(),
+        "optimizer": None if final else optimizer.state_dict(),
+        "ema": None if final else ema.shadow,
+        "generator": generator.get_state(),
+        "has_adapter": pipe.unet.encoder_hid_proj is not None,
+        **{k: state[k] for k in ("step", "elapsed", "log", "checks")},
+        "stage": stage + 1 if final else stage,
+        "args": vars(args),
+    }
+    # the quick check uses the EMA weights, then restores the live ones
+    live = {k: p.detach().clone() for k, p in params.items()}
+    ema.copy_to(params)
+    was_training = pipe.unet.training
+    pipe.unet.eval(), pipe.text_encoder.eval(), pipe.image_encoder.eval()
+    try:
+        if args.check_images > 0:
+            summary, _ = quick_check(pipe, stage, args.check_images, seed=stage)
+            row = {"stage": stage, "step": state["step"][stage], "seconds": round(state["elapsed"][stage], 1), **summary}
+            state["checks"].append(row)
+            saved["checks"] = state["checks"]
+            tqdm.write(f"check: {row}", file=sys.stderr)
+    finally:
+        if not final:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(live[k])
+        pipe.unet.train(was_training)
+    _save_checkpoint(path, saved)
+
+
+if __name__ == "__main__":
+    main()
