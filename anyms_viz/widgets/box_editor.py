@@ -19,11 +19,11 @@ from PIL import Image
 from anyms_core import Subject
 from anyms_core.layout import paint_order, subject_names, validate_box
 
-from ..palette import draw_boxes_on_image, subject_color
-from ._images import data_url, png_bytes, png_mimebundle, upscale
+from .. import figures
+from ..palette import subject_color
+from ._images import data_url, figure_png, png_mimebundle, upscale
 
 THUMBNAIL_SIDE = 48
-STATIC_SIDE = 320
 
 
 class BoxEditor(anywidget.AnyWidget):
@@ -163,32 +163,30 @@ class BoxEditor(anywidget.AnyWidget):
         ]
 
     # --- static picture --------------------------------------------------------------------------
-    def picture(self) -> Image.Image:
-        """The canvas as a raster image: background (or blank) with the placed boxes and their labels."""
-        if self._background_image is not None:
-            canvas = upscale(self._background_image, STATIC_SIDE)
-        else:
-            width = STATIC_SIDE if self.aspect >= 1 else round(STATIC_SIDE * self.aspect)
-            height = STATIC_SIDE if self.aspect < 1 else round(STATIC_SIDE / self.aspect)
-            canvas = Image.new("RGB", (width, height), (244, 244, 244))
-        placed = [i for i in self.order if self.boxes[i] is not None]  # painted in priority order
-        return draw_boxes_on_image(
-            canvas, [self.boxes[i] for i in placed], names=[f"{i + 1} {self.names[i]}" for i in placed],
-            colors=[self.colors[i] for i in placed],
-        )
-
     def plot(self, ax: Axes | None = None) -> Figure:
-        """The canvas with its boxes on ``ax`` (a new figure if None); returns the figure."""
+        """The canvas with its placed boxes on ``ax`` (a new figure if None); returns the figure."""
         if ax is None:
-            figure = Figure(figsize=(4, 4 / self.aspect))
+            figure = Figure(figsize=(3.4 * min(self.aspect, 2), 3.4 / max(self.aspect, 0.5)), layout="constrained")
             ax = figure.add_subplot()
-        ax.imshow(self.picture())
-        ax.set_axis_off()
-        ax.set_title("layout: " + ", ".join(f"{i + 1} {n}" for i, n in enumerate(self.names)), fontsize=9)
+        if self._background_image is not None:
+            size = self._background_image.size
+            ax.imshow(self._background_image, extent=(0, size[0], size[1], 0), interpolation="nearest")
+        else:  # a blank canvas of the output's aspect ratio
+            size = (round(100 * self.aspect), 100)
+            ax.set_facecolor("#F4F4F4")
+            ax.set_xlim(0, size[0])
+            ax.set_ylim(size[1], 0)
+        placed = [i for i in self.order if self.boxes[i] is not None]  # painted in priority order
+        figures.draw_boxes(ax, [self.boxes[i] for i in placed], size, names=[f"{i + 1} {self.names[i]}" for i in placed],
+                           colors=[self.colors[i] for i in placed])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        missing = f" · no box: {', '.join(self.missing)}" if self.missing else ""
+        ax.set_title(f"layout{missing}", fontsize=9)
         return ax.figure
 
     def to_png(self) -> bytes:
-        return png_bytes(self.picture())
+        return figure_png(self.plot(), dpi=80)
 
     def _repr_mimebundle_(self, **kwargs):
         return png_mimebundle(super()._repr_mimebundle_(**kwargs), self.to_png())

@@ -1,0 +1,274 @@
+"""``Explorer``: the whole AnyMS loop in one notebook cell.
+
+Box editor + subject thumbnails + prompt + variant + generate, with the result, a step scrubber and a
+variant comparison below. With a fast model (the toy world: ~0.2 s per image) every box change
+re-generates by itself after a short debounce; errors from the core become messages in the widget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import threading
+from typing import Iterator, Sequence
+
+import ipywidgets as widgets
+from matplotlib.figure import Figure
+
+from anyms_core import VARIANTS, AnyMS, Run, Subject
+from anyms_core.models import load_pipeline
+
+from .. import figures
+from ._images import figure_png, png_bytes, png_mimebundle, upscale
+from .box_editor import BoxEditor
+from .comparison import DEFAULT_VARIANTS, VariantComparison
+from .scrubber import StepScrubber
+
+DEFAULT_STEPS = 50  # diffusers' default, for the progress bar before the first run says otherwise
+
+
+class Explorer(widgets.VBox):
+    """Edit a layout, generate, and look inside the generation, in one widget.
+
+    Args:
+        subjects: the subjects (reference image, starting box, name).
+        pipe: a pipeline for :class:`~anyms_core.AnyMS`; default ``load_pipeline("toy")``.
+        prompt: the starting prompt.
+        variant: the starting variant (one of ``anyms_core.VARIANTS``).
+        seed: the starting seed.
+        compare_variants: the variants ticked for the comparison tab.
+        auto: re-generate when the layout or a setting changes. None: on when one generation takes at
+            most ``auto_max_s`` seconds (measured on the first one).
+        debounce_s: wait this long after the last change before re-generating (0: at once, in the handler).
+        generate_kwargs: more arguments for ``AnyMS.generate`` (``num_inference_steps``, ``height``, ...).
+        record: what attention to record (see ``AnyMS.generate``); the scrubber and comparison show it.
+        display_width: width of the editor canvas and of the result image, in screen pixels.
+    """
+
+    def __init__(
+        self,
+        subjects: Sequence[Subject],
+        pipe=None,
+        prompt: str = "a photo on grass",
+        variant: str = "anyms",
+        seed: int = 0,
+        compare_variants: Sequence[str] = DEFAULT_VARIANTS,
+        auto: bool | None = None,
+        debounce_s: float = 0.3,
+        auto_max_s: float = 1.0,
+        generate_kwargs: dict | None = None,
+        record=True,
+        display_width: int = 320,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
+        unknown = [v for v in compare_variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"Unknown variants {unknown} in compare_variants; choose from {VARIANTS}.")
+        if debounce_s < 0:
+            raise ValueError(f"debounce_s must be >= 0, got {debounce_s}.")
+        self.anyms = AnyMS(pipe if pipe is not None else load_pipeline("toy"))
+        self.generate_kwargs = dict(generate_kwargs or {})
+        forbidden = sorted(set(self.generate_kwargs) & {"prompt", "subjects", "variant", "seed", "record"})
+        if forbidden:
+            raise ValueError(f"generate_kwargs must not set {forbidden}: the Explorer's own controls set them.")
+        self.record = record
+        self.debounce_s = float(debounce_s)
+        self.auto_max_s = float(auto_max_s)
+        self.display_width = display_width
+        self.run: Run | None = None
+        self.last_error: Exception | None = None
+        self._generate_lock = threading.Lock()  # one generation at a time, whoever asks
+        self._timer: threading.Timer | None = None
+        self._timer_lock = threading.Lock()
+        self._steps_done = 0
+
+        height = self.generate_kwargs.get("height")
+        width = self.generate_kwargs.get("width")
+        self.editor = BoxEditor(subjects, aspect=(width / height) if height and width else 1.0, display_width=display_width)
+        self.prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False, layout=widgets.Layout(width="320px"))
+        self.variant = widgets.Dropdown(options=[(figures.VARIANT_LABELS.get(v, v), v) for v in VARIANTS], value=variant,
+                                        description="variant", layout=widgets.Layout(width="320px"))
+        self.seed = widgets.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="seed", layout=widgets.Layout(width="200px"))
+        self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
+        self.auto = widgets.Checkbox(value=bool(auto), description="re-generate on every change", indent=False)
+        self._auto_decided = auto is not None
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="idle", layout=widgets.Layout(width="320px"))
+        self.status = widgets.HTML()
+        self.status.add_class("anyms-status")
+        self.result = widgets.Image(format="png")
+        self.result.add_class("anyms-result")
+        self.result_caption = widgets.HTML()
+
+        self.scrubber = StepScrubber(panel_size=160)
+        self.comparison = VariantComparison()
+        self.compare_choices = [widgets.Checkbox(value=v in compare_variants, description=v, indent=False,
+                                                 layout=widgets.Layout(width="90px")) for v in VARIANTS]
+        self.compare_button = widgets.Button(description="Compare variants", icon="columns")
+        self.comparison_note = widgets.HTML()
+        compare_tab = widgets.VBox([widgets.HBox(self.compare_choices + [self.compare_button]), self.comparison_note, self.comparison])
+        self.tabs = widgets.Tab([self.scrubber, compare_tab])
+        self.tabs.set_title(0, "Denoising steps")
+        self.tabs.set_title(1, "Variants side by side")
+
+        settings = widgets.VBox([self.prompt, self.variant, self.seed, widgets.HBox([self.generate_button, self.auto]),
+                                 self.progress, self.status])
+        result = widgets.VBox([widgets.HTML("<b>result</b>"), self.result, self.result_caption])
+        super().__init__([widgets.HBox([self.editor, result]), settings, self.tabs])
+        self.add_class("anyms-explorer")
+
+        self.editor.observe(self._on_change, names=["boxes", "order"])
+        for control in (self.prompt, self.variant, self.seed):
+            control.observe(self._on_change, names="value")
+        self.generate_button.on_click(lambda _: self.generate())
+        self.compare_button.on_click(lambda _: self.compare())
+        self.generate()
+
+    # --- generation ------------------------------------------------------------------------------
+    def generate(self) -> Run | None:
+        """Generates with the current layout and settings; shows the result or the error. Returns the run."""
+        with self._generate_lock:
+            subjects = self._subjects_or_message()
+            if subjects is None:
+                return None
+            try:
+                with self._busy("generating", runs=1):
+                    run = self._generate(self.variant.value, subjects)
+            except Exception as error:  # shown in the widget: a notebook user must never get a dead widget
+                self._show_error("Could not generate", error)
+                return None
+            self.run = run
+            self.last_error = None
+            self.result.value = png_bytes(upscale(run.image, self.display_width))
+            self.result.width = self.display_width
+            self.result_caption.value = f"<span style='font-size: 11px'>{html.escape(run.variant)}, seed {run.config['seed']}</span>"
+            self.editor.set_background(run.image)
+            self.scrubber.set_run(run)
+            if self.comparison.runs:
+                self.comparison_note.value = "<i>The layout or settings changed: press Compare variants to update.</i>"
+            seconds = run.timings.get("total") or 0.0
+            if not self._auto_decided:  # fast enough (the toy world) to follow every drag
+                self._auto_decided = True
+                self.auto.value = seconds <= self.auto_max_s
+            self._show_status(f"Generated <b>{html.escape(run.variant)}</b> in {seconds:.2f} s ({run.num_steps} steps).")
+            return run
+
+    def compare(self) -> list[Run] | None:
+        """Generates the current case under every ticked variant and shows them side by side."""
+        variants = [box.description for box in self.compare_choices if box.value]
+        if not variants:
+            self._show_status("Tick at least one variant to compare.", error=True)
+            return None
+        with self._generate_lock:
+            subjects = self._subjects_or_message()
+            if subjects is None:
+                return None
+            try:
+                with self._busy("comparing", runs=len(variants)):
+                    runs = [self._generate(variant, subjects) for variant in variants]
+                self.comparison.set_runs(runs)
+            except Exception as error:
+                self._show_error("Could not compare", error)
+                return None
+            self.comparison_note.value = ""
+            self.tabs.selected_index = 1
+            self._show_status(f"Compared {', '.join(variants)}.")
+            return runs
+
+    def schedule_generation(self) -> None:
+        """Re-generates after ``debounce_s`` without changes (at once when it is 0)."""
+        if self.debounce_s == 0:
+            self.generate()
+            return
+        with self._timer_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.debounce_s, self.generate)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _on_change(self, change) -> None:
+        if self.auto.value:
+            self.schedule_generation()
+        else:
+            self._show_status("Changed: press Generate (or tick re-generate on every change).")
+
+    def _generate(self, variant: str, subjects: list[Subject]) -> Run:
+        unet = getattr(self.anyms.pipe, "unet", None)
+        # One UNet call per denoising step (the guidance batch is one call): that is the progress.
+        handle = unet.register_forward_hook(self._count_step) if unet is not None else None
+        try:
+            return self.anyms.generate(self.prompt.value, subjects, variant=variant, seed=self.seed.value,
+                                       record=self.record, **self.generate_kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def _count_step(self, *_) -> None:
+        self._steps_done += 1
+        self.progress.value = min(self._steps_done, self.progress.max)
+
+    def _expected_steps(self) -> int:
+        if "num_inference_steps" in self.generate_kwargs:
+            return int(self.generate_kwargs["num_inference_steps"])
+        return self.run.num_steps if self.run is not None else DEFAULT_STEPS
+
+    @contextlib.contextmanager
+    def _busy(self, label: str, runs: int) -> Iterator[None]:
+        """Progress bar running and buttons disabled for the duration of the block."""
+        self._steps_done = 0
+        self.progress.value = 0
+        self.progress.max = max(1, runs * self._expected_steps())
+        self.progress.description = label
+        self.progress.bar_style = "info"
+        self.generate_button.disabled = self.compare_button.disabled = True
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            self.progress.value = self.progress.max if finished else 0
+            self.progress.description = "idle"
+            self.progress.bar_style = ""
+            self.generate_button.disabled = self.compare_button.disabled = False
+
+    # --- messages --------------------------------------------------------------------------------
+    def _subjects_or_message(self) -> list[Subject] | None:
+        try:
+            return self.editor.subjects()
+        except ValueError as error:
+            self._show_error("Not ready", error)
+            return None
+
+    def _show_error(self, what: str, error: Exception) -> None:
+        self.last_error = error
+        # A ValueError from the core is a message for the user; anything else is a bug, so name its type.
+        text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        self._show_status(f"<b>{html.escape(what)}:</b> {html.escape(text)}", error=True)
+
+    def _show_status(self, message: str, error: bool = False) -> None:
+        color = "#b00020" if error else "#2e7d32"
+        role = "anyms-error" if error else "anyms-ok"
+        self.status.value = f"<div class='{role}' style='color: {color}; max-width: 640px'>{message}</div>"
+
+    # --- static picture --------------------------------------------------------------------------
+    def plot(self) -> Figure:
+        """The layout on the latest image and the result without boxes (the layout alone before a run)."""
+        figure = Figure(figsize=(6.4 if self.run else 3.4, 3.4), layout="constrained")
+        axes = figure.subplots(1, 2 if self.run else 1, squeeze=False)[0]
+        self.editor.plot(ax=axes[0])
+        if self.run is not None:
+            figures.plot_image(self.run, ax=axes[1], boxes=False)
+        return figure
+
+    def to_png(self) -> bytes:
+        return figure_png(self.plot(), dpi=80)
+
+    def _repr_mimebundle_(self, **kwargs):
+        return png_mimebundle(super()._repr_mimebundle_(**kwargs), self.to_png())
+
+    def close(self) -> None:
+        with self._timer_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+        super().close()
