@@ -17,6 +17,7 @@ After `load_ip_adapter` the UNet's cross-attention processors are diffusers' sto
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -471,12 +472,10 @@ def save_toy_pipeline(pipe: ToyWorldPipeline, directory: str | os.PathLike, dtyp
     base_state = {
         k: v for k, v in pipe.unet.state_dict().items() if not k.startswith("encoder_hid_proj") and "_ip." not in k
     }
-    unet.load_state_dict(base_state)
+    unet.load_state_dict({k: v.cpu() for k, v in base_state.items()})
     unet.to(dtype).save_pretrained(directory / "unet")
-    pipe.text_encoder.to(dtype).save_pretrained(directory / "text_encoder")
-    pipe.text_encoder.to(torch.float32)
-    pipe.image_encoder.to(dtype).save_pretrained(directory / "image_encoder")
-    pipe.image_encoder.to(torch.float32)
+    copy.deepcopy(pipe.text_encoder).to("cpu", dtype).save_pretrained(directory / "text_encoder")
+    copy.deepcopy(pipe.image_encoder).to("cpu", dtype).save_pretrained(directory / "image_encoder")
     save_tokenizer_files(pipe.tokenizer, directory / "tokenizer")
     pipe.feature_extractor.save_pretrained(directory / "feature_extractor")
     pipe.scheduler.save_pretrained(directory / "scheduler")

@@ -293,6 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-images", type=int, default=12, help="images per quick check at each checkpoint")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on shared cores)")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--session-steps", type=int, default=None,
+                   help="stop this run after N optimizer steps (checkpoint, no export); resume later with --resume")
     return p.parse_args(argv)
 
 
@@ -353,6 +355,13 @@ def main(argv=None) -> dict:
     if not log_csv.exists() or not args.resume:
         log_csv.write_text("stage,step,seconds,loss,lr\n")
 
+    # Startup (building, moving to the device, resuming) counts against this run's budget.
+    startup = time.perf_counter() - t_start
+    remaining = {k: stage_budget[k] - state["elapsed"][k] for k in (1, 2)}
+    shrink = max(0.0, 1 - startup / max(remaining[1] + remaining[2], 1e-6))
+    stage_budget = {k: state["elapsed"][k] + max(remaining[k], 0) * shrink for k in (1, 2)}
+
+    session_steps = 0
     for stage in (1, 2):
         if state["stage"] > stage:
             continue
@@ -384,13 +393,14 @@ def main(argv=None) -> dict:
         pipe.image_encoder.train(stage == 2)
         budget_s, fixed_steps = stage_budget[stage], stage_steps[stage]
         last_ckpt = time.perf_counter()
-        running, running_n = 0.0, 0
+        running, running_n = torch.zeros((), device=device), 0
         bar = tqdm(
             total=fixed_steps if fixed_steps else round(budget_s),
             initial=state["step"][stage] if fixed_steps else min(round(state["elapsed"][stage]), round(budget_s)),
             unit="step" if fixed_steps else "s",
             desc=f"stage {stage}",
             dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]",
         )
         while True:
             step = state["step"][stage]
@@ -418,19 +428,25 @@ def main(argv=None) -> dict:
             optimizer.step()
             ema.update(params, step)
             state["step"][stage] = step + 1
-            running += loss.item()
+            running += loss.detach()  # no per-step host sync
             running_n += 1
             dt = time.perf_counter() - t0
             state["elapsed"][stage] += dt
             bar.update(1 if fixed_steps else min(dt, max(budget_s - bar.n, 0)))
             if (step + 1) % args.log_every == 0:
                 row = {"stage": stage, "step": step + 1, "seconds": round(state["elapsed"][stage], 2),
-                       "loss": running / running_n, "lr": lr}
+                       "loss": running.item() / running_n, "lr": lr}
                 state["log"].append(row)
                 with open(log_csv, "a") as f:
                     f.write(f"{stage},{step + 1},{row['seconds']},{row['loss']:.6f},{lr:.3g}\n")
                 bar.set_postfix(loss=f"{row['loss']:.4f}", steps=step + 1, it_s=f"{(step + 1) / max(state['elapsed'][stage], 1e-6):.1f}")
-                running, running_n = 0.0, 0
+                running, running_n = torch.zeros((), device=device), 0
+            session_steps += 1
+            if args.session_steps is not None and session_steps >= args.session_steps:
+                bar.close()
+                _checkpoint(pipe, optimizer, ema, params, state, generator, ckpt_path, stage, args)
+                print(f"stopped after {session_steps} steps this session; continue with --resume", file=sys.stderr)
+                return {"steps": state["step"], "stopped_early": True}
             if time.perf_counter() - last_ckpt > args.checkpoint_minutes * 60:
                 t1 = time.perf_counter()
                 _checkpoint(pipe, optimizer, ema, params, state, generator, ckpt_path, stage, args)
