@@ -8,6 +8,7 @@
 const SVG_NS = "http://www.w3.org/2000/svg";
 const HANDLES = ["nw", "n", "ne", "e", "se", "s", "sw", "w"];
 const DECIMALS = 4; // boxes go to Python rounded: readable numbers, still far finer than any grid
+const MARGIN = 6; // pixels around the canvas, so that handles on its edges show whole
 
 function svgElement(tag, attributes) {
   const element = document.createElementNS(SVG_NS, tag);
@@ -48,6 +49,10 @@ function spannedBox(start, end) {
   return [Math.min(start[0], end[0]), Math.min(start[1], end[1]), Math.max(start[0], end[0]), Math.max(start[1], end[1])];
 }
 
+function ordinal(n) {
+  return n + (n === 1 ? "st" : n === 2 ? "nd" : n === 3 ? "rd" : "th");
+}
+
 function isValidBox(box, minSize) {
   if (!box) return false;
   const [x0, y0, x1, y1] = box;
@@ -81,7 +86,10 @@ function render({ model, el }) {
 
   function pointerToNormalized(event) {
     const rect = svg.getBoundingClientRect();
-    return [clamp((event.clientX - rect.left) / rect.width, 0, 1), clamp((event.clientY - rect.top) / rect.height, 0, 1)];
+    const [width, height] = canvasSize();
+    const x = (event.clientX - rect.left - MARGIN) / width;
+    const y = (event.clientY - rect.top - MARGIN) / height;
+    return [clamp(x, 0, 1), clamp(y, 0, 1)];
   }
 
   function select(index) {
@@ -104,11 +112,12 @@ function render({ model, el }) {
 
   function drawCanvas() {
     const [width, height] = canvasSize();
-    svg.setAttribute("width", width);
-    svg.setAttribute("height", height);
-    svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    svg.setAttribute("width", width + 2 * MARGIN);
+    svg.setAttribute("height", height + 2 * MARGIN);
+    svg.setAttribute("viewBox", `${-MARGIN} ${-MARGIN} ${width + 2 * MARGIN} ${height + 2 * MARGIN}`);
     hint.style.width = `${width}px`;
     svg.replaceChildren();
+    svg.append(svgElement("rect", { x: -MARGIN, y: -MARGIN, width: width + 2 * MARGIN, height: height + 2 * MARGIN, class: "anyms-margin" }));
     const background = model.get("background");
     if (background) {
       svg.append(svgElement("image", {
@@ -182,7 +191,8 @@ function render({ model, el }) {
         row.append(thumbnail);
       }
       const text = htmlElement("span", "anyms-legend-name", `${index + 1} ${name}`);
-      const state = htmlElement("span", "anyms-legend-state", boxes[index] ? `priority ${rank(index)}` : "no box: drag on the canvas");
+      const state = htmlElement("span", "anyms-legend-state", boxes[index] ? `overlaps: ${ordinal(rank(index))}` : "no box: drag on the canvas");
+      state.title = "where boxes overlap, the 1st subject owns the overlap (▲ / ▼ or ] / [ change it)";
       const raise = htmlElement("button", "anyms-raise", "▲");
       raise.title = "raise priority: this subject owns more overlaps (key ])";
       const lower = htmlElement("button", "anyms-lower", "▼");

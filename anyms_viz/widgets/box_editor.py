@@ -26,6 +26,11 @@ from ._images import data_url, figure_png, png_mimebundle, upscale
 THUMBNAIL_SIDE = 48
 
 
+class InvalidWidgetValue(ValueError, traitlets.TraitError):
+    """A ValueError, like every input error of the core; also a TraitError, so that traitlets rolls a
+    rejected front-end update (``set_state``) back instead of keeping the invalid value."""
+
+
 class BoxEditor(anywidget.AnyWidget):
     """Edits the layout of ``subjects``: one labelled, coloured box each.
 
@@ -91,28 +96,31 @@ class BoxEditor(anywidget.AnyWidget):
         boxes = list(proposal["value"])
         names = self.names
         if len(boxes) != len(names):
-            raise ValueError(f"BoxEditor has {len(names)} subjects {names}, got {len(boxes)} boxes.")
-        return [None if box is None else list(validate_box(box, what=f"Box of {names[i]!r}")) for i, box in enumerate(boxes)]
+            raise InvalidWidgetValue(f"BoxEditor has {len(names)} subjects {names}, got {len(boxes)} boxes.")
+        try:
+            return [None if box is None else list(validate_box(box, what=f"Box of {names[i]!r}")) for i, box in enumerate(boxes)]
+        except ValueError as error:
+            raise InvalidWidgetValue(str(error)) from None
 
     @traitlets.validate("order")
     def _validate_order(self, proposal) -> list:
         order = [int(i) for i in proposal["value"]]
         if sorted(order) != list(range(len(self.names))):
-            raise ValueError(f"order must be a permutation of the subject indices 0..{len(self.names) - 1}, got {order}.")
+            raise InvalidWidgetValue(f"order must be a permutation of the subject indices 0..{len(self.names) - 1}, got {order}.")
         return order
 
     @traitlets.validate("selected")
     def _validate_selected(self, proposal) -> int:
         index = int(proposal["value"])
         if not -1 <= index < len(self.names):
-            raise ValueError(f"selected must be -1 (none) or a subject index below {len(self.names)}, got {index}.")
+            raise InvalidWidgetValue(f"selected must be -1 (none) or a subject index below {len(self.names)}, got {index}.")
         return index
 
     @traitlets.validate("aspect")
     def _validate_aspect(self, proposal) -> float:
         aspect = float(proposal["value"])
         if not 0.1 <= aspect <= 10:
-            raise ValueError(f"aspect (width / height) must be in [0.1, 10], got {aspect}.")
+            raise InvalidWidgetValue(f"aspect (width / height) must be in [0.1, 10], got {aspect}.")
         return aspect
 
     # --- Python API ------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ class Explorer(widgets.VBox):
         return png_mimebundle(super()._repr_mimebundle_(**kwargs), self.to_png())
 
     def close(self) -> None:
-        with self._timer_lock:
-            if self._timer is not None:
-                self._timer.cancel()
+        timer = getattr(self, "_timer", None)  # absent when __init__ refused its arguments
+        if timer is not None:
+            timer.cancel()
         super().close()

@@ -70,7 +70,8 @@ class StepScrubber(widgets.VBox):
         self.panel_size = panel_size
         self._maps_cache: dict[tuple, tuple[np.ndarray, float]] = {}
         self.play = widgets.Play(min=0, max=0, step=1, interval=interval_ms, description="play", show_repeat=False)
-        self.slider = widgets.IntSlider(min=0, max=0, description="step", continuous_update=True,
+        # No read-out: the slider counts from 0, people count steps from 1; the label says "step k / N".
+        self.slider = widgets.IntSlider(min=0, max=0, description="step", continuous_update=True, readout=False,
                                         layout=widgets.Layout(width="360px"))
         self.slider.add_class("anyms-step-slider")
         widgets.jslink((self.play, "value"), (self.slider, "value"))  # playing needs no kernel round trip
@@ -198,10 +199,11 @@ class StepScrubber(widgets.VBox):
             self.panels.children = children
         for child, (caption, image) in zip(children, panels):
             label, picture = child.children
-            label.value = f"<span style='font-size: 11px'>{html.escape(caption)}</span>"
+            label.value = f"<div style='font-size: 11px; line-height: 1.2'>{html.escape(caption)}</div>"
             picture.value = png_bytes(image)
             picture.width = image.width
             picture.add_class("anyms-panel")
+            child.layout.width = f"{image.width + 8}px"  # captions wrap instead of running into the next panel
         maps = self._maps()
         self.scale.value = "" if maps is None else _colour_scale_html(self.kind.value, maps[1])
 
