@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib import patheffects
 from matplotlib.axes import Axes
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
@@ -141,7 +142,7 @@ def draw_heatmap(
     image_size: tuple[int, int] | None = None,
     vmin: float = 0.0,
     vmax: float | None = None,
-    cmap: str = HEATMAP_CMAP,
+    cmap: str | Colormap = HEATMAP_CMAP,
     alpha: float = 0.7,
     interpolation: str = "nearest",
     label: str = HEATMAP_LABEL,
