@@ -104,7 +104,7 @@ class Explorer(widgets.VBox):
         self.comparison = VariantComparison()
         self.compare_choices = [widgets.Checkbox(value=v in compare_variants, description=v, indent=False,
                                                  layout=widgets.Layout(width="90px")) for v in VARIANTS]
-        self.compare_button = widgets.Button(description="Compare variants", icon="columns")
+        self.compare_button = widgets.Button(description="Compare variants", icon="columns", layout=widgets.Layout(width="auto"))
         self.comparison_note = widgets.HTML()
         compare_tab = widgets.VBox([widgets.HBox(self.compare_choices + [self.compare_button]), self.comparison_note, self.comparison])
         self.tabs = widgets.Tab([self.scrubber, compare_tab])

@@ -37,7 +37,7 @@ GENERATION_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def session(browser, jupyter_lab):
     write_notebook(jupyter_lab.root / NOTEBOOK, [SETUP])
-    context = browser.new_context(viewport={"width": 1400, "height": 1200})
+    context = browser.new_context(viewport={"width": 1400, "height": 1800})
     page = context.new_page()
     kernel = open_notebook(page, jupyter_lab, NOTEBOOK)
     try:
@@ -75,11 +75,11 @@ def wait_for_regeneration(kernel, previous_hash: str) -> str:
     return kernel.wait_for(IMAGE_HASH, lambda value: value != previous_hash, timeout=GENERATION_TIMEOUT_S, what="a new image")
 
 
-def screenshot(page, artifacts, name: str) -> None:
-    explorer = page.locator(".anyms-explorer")
-    explorer.scroll_into_view_if_needed()
-    page.wait_for_timeout(500)  # let the last image paint (see the notes: Output/images settle)
-    explorer.screenshot(path=str(artifacts / name))
+def screenshot(page, artifacts, name: str, part: str = ".anyms-explorer") -> None:
+    element = page.locator(part)
+    element.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)  # let the last image paint (see the notes: images settle after their update)
+    element.screenshot(path=str(artifacts / name))
 
 
 def test_explorer_renders(session, artifacts):
@@ -175,3 +175,15 @@ def test_scrubber_slider_changes_the_shown_step(session, artifacts):
         "(old) => document.querySelector('.anyms-explorer .anyms-step-scrubber img').getAttribute('src') !== old", arg=before_src,
     )
     screenshot(page, artifacts, "06-scrubber-first-step.png")
+
+
+def test_compare_button_shows_the_variants_side_by_side(session, artifacts):
+    page, kernel = session
+    page.locator(".anyms-explorer .lm-TabBar-tab", has_text="Variants side by side").click()
+    page.locator(".anyms-explorer button", has_text="Compare variants").click()
+    kernel.wait_for("[run.variant for run in explorer.comparison.runs]", lambda variants: variants == ["anyms", "mask", "none"],
+                    timeout=GENERATION_TIMEOUT_S, what="three compared runs")
+    view = page.locator(".anyms-explorer img.anyms-comparison-view")
+    view.wait_for(state="visible")
+    page.locator(".anyms-explorer .anyms-ok").get_by_text("Compared anyms, mask, none").wait_for()
+    screenshot(page, artifacts, "07-variants-side-by-side.png", part=".anyms-explorer .anyms-variant-comparison")
