@@ -68,7 +68,7 @@ class StepScrubber(widgets.VBox):
     def __init__(self, run: Run | None = None, kind: str | None = None, panel_size: int = 192, interval_ms: int = 350) -> None:
         self.run: Run | None = None
         self.panel_size = panel_size
-        self._maps_cache: dict[tuple, tuple[np.ndarray, float]] = {}
+        self._maps_cache: dict[tuple[str, str], tuple[dict[int, np.ndarray], float]] = {}
         self.play = widgets.Play(min=0, max=0, step=1, interval=interval_ms, description="play", show_repeat=False)
         # No read-out: the slider counts from 0, people count steps from 1; the label says "step k / N".
         self.slider = widgets.IntSlider(min=0, max=0, description="step", continuous_update=True, readout=False,
@@ -105,11 +105,11 @@ class StepScrubber(widgets.VBox):
         """Shows ``run`` from its last step, keeping the chosen kind and layers when the run has them."""
         if run is not None and not isinstance(run, Run):
             raise ValueError(f"StepScrubber shows an anyms_core.Run, got {type(run).__name__}.")
-        self.run = run
-        self._maps_cache.clear()
         kinds = recorded_kinds(run) if run is not None else []
         if kind is not None and kind not in kinds:
             raise ValueError(f"This run has no {kind!r} maps; it has {kinds or 'none'}.")
+        self.run = run
+        self._maps_cache.clear()
         wanted_kind = kind or (self.kind.value if self.kind.value in kinds else (kinds[0] if kinds else None))
         layer_labels = [label for label, _ in layer_choices(run)] if run is not None else [ALL_LAYERS]
         wanted_layers = self.layers.value if self.layers.value in layer_labels else ALL_LAYERS
