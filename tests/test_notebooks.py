@@ -9,6 +9,8 @@ thread, outputs under a temporary folder, and the model the notebooks read from 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +44,12 @@ def test_notebook_is_committed_without_outputs(path: Path):
              if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; run `nbstripout {path}`."
     assert "widgets" not in notebook.metadata, f"{path.name} stores widget state; run `nbstripout {path}`."
+
+
+@pytest.mark.skipif(shutil.which("nbstripout") is None, reason="nbstripout is not installed (pip install -e '.[dev]')")
+def test_nbstripout_would_change_nothing():
+    result = subprocess.run([shutil.which("nbstripout"), "--verify", *map(str, NOTEBOOKS)], capture_output=True, text=True)
+    assert result.returncode == 0, f"Run `nbstripout notebooks/*.ipynb` before committing:\n{result.stdout}{result.stderr}"
 
 
 def notebook_model() -> str:
