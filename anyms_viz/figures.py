@@ -233,7 +233,7 @@ def plot_attention(
         subject = run.subject_names.index(name) if kind in IMAGE_BRANCH_KINDS else None
         draw_boxes(ax, run.boxes, run.image.size, highlight=subject, linewidth=1.5)
         ax.set_title(name, fontsize=9, color=subject_color(subject) if subject is not None else "black")
-    fig.suptitle(f"{kind} · {VARIANT_LABELS.get(run.variant, run.variant)} · {_steps_text(run, kind, steps)}", fontsize=9)
+    fig.suptitle(f"{kind} · {VARIANT_LABELS.get(run.variant, run.variant)} · {_steps_text(run, steps)}", fontsize=9)
     if colorbar and artist is not None:
         fig.colorbar(artist, ax=axes, shrink=0.8, label=kind)
     return fig
@@ -276,22 +276,16 @@ def plot_comparison(
     titles = list(titles) if titles is not None else [VARIANT_LABELS.get(r.variant, r.variant) for r in runs]
 
     first = runs[0]
-    names = first.attention.items(kind) if first.attention is not None and kind in first.attention.kinds else None
     maps: list[np.ndarray | None] = []
-    size = None
+    size = None  # every run's maps at the size of the first run's, so differences are cell by cell
     for run in runs:
-        # Every run's maps at the same size, so that differences are defined cell by cell.
         values = _maps_of(run, kind, steps=steps, layers=layers, resolution=resolution, size=size, allow_text_variant=True)
         if values is not None and size is None:
             size = values.shape[-2:]
         maps.append(values)
     if all(m is None for m in maps):
         raise ValueError(f"None of the runs has {kind!r} maps: all are variant 'text' (no image branch).")
-    if names is None:
-        names = next(r.attention.items(kind) for r, m in zip(runs, maps) if m is not None)
-    # Runs recorded before the first run with maps still need their sizes matched.
-    maps = [m if m is None or m.shape[-2:] == tuple(size) else _maps_of(r, kind, steps=steps, layers=layers, resolution=resolution, size=size)
-            for r, m in zip(runs, maps)]
+    names = next(r.attention.items(kind) for r, m in zip(runs, maps) if m is not None)
 
     pairs = [(index, reference) for index in range(len(runs))
              if differences and index != reference and maps[index] is not None and maps[reference] is not None]
@@ -342,7 +336,7 @@ def plot_comparison(
                 draw_overlaps(ax, boxes, image_size, color="black")
                 diff_axes.append(ax)
 
-    fig.suptitle(f"{kind} maps · {_steps_text(first, kind, steps)} · one colour scale across variants", fontsize=9)
+    fig.suptitle(f"{kind} maps · {_steps_text(first, steps)} · one colour scale across variants", fontsize=9)
     if heat_artist is not None:
         fig.colorbar(heat_artist, ax=list(grid[1:, :len(runs)].ravel()), shrink=0.7, label=kind, location="right")
     if diff_artist is not None:
@@ -542,7 +536,7 @@ def _item_names(run: Run, kind: str, items: Sequence[int | str] | None) -> list[
     return [item if isinstance(item, str) else names[int(item)] for item in items]
 
 
-def _steps_text(run: Run, kind: str, steps) -> str:
+def _steps_text(run: Run, steps) -> str:
     recorded = run.attention.steps if run.attention is not None else []
     if steps is None:
         return f"mean of all {len(recorded)} steps" if recorded else "all steps"
