@@ -206,13 +206,15 @@ def plot_attention(
     overlay: bool = True,
     axes: Sequence[Axes] | None = None,
     vmax: float | None = None,
+    vmin: float | None = 0.0,
     items: Sequence[int | str] | None = None,
     colorbar: bool = True,
 ) -> Figure:
     """One heatmap per subject (or per prompt word for ``kind="text"``), paper Fig. 7 style.
 
     Maps are averaged over the selected ``steps`` and ``layers`` (see ``AttentionMaps.maps``). All panels
-    share one colour scale from 0 to ``vmax`` (default: the largest value shown), so they can be compared.
+    share one colour scale from ``vmin`` (default 0) to ``vmax`` (default: the largest value shown), so
+    they can be compared; ``vmin=None`` starts it at the smallest value shown (min-max normalized).
     ``overlay``: draw the maps over the image in grey. Each subject's own box is bold, the others dashed.
     """
     _check_run(run)
@@ -226,10 +228,10 @@ def plot_attention(
         if len(axes) != len(names):
             raise ValueError(f"plot_attention draws {len(names)} panels ({names}); got {len(axes)} axes.")
         fig = _root_figure(axes[0])
-    vmax = _shared_vmax([maps], vmax)
+    vmin, vmax = _shared_limits([maps], vmin, vmax)
     artist = None
     for position, (ax, name) in enumerate(zip(axes, names)):
-        artist = draw_heatmap(ax, maps[position], image=run.image if overlay else None, image_size=run.image.size, vmax=vmax)
+        artist = draw_heatmap(ax, maps[position], image=run.image if overlay else None, image_size=run.image.size, vmin=vmin, vmax=vmax)
         subject = run.subject_names.index(name) if kind in IMAGE_BRANCH_KINDS else None
         draw_boxes(ax, run.boxes, run.image.size, highlight=subject, linewidth=1.5)
         ax.set_title(name, fontsize=9, color=subject_color(subject) if subject is not None else "black")
@@ -248,14 +250,16 @@ def plot_comparison(
     layers: str | Sequence[str] | None = None,
     overlay: bool = True,
     vmax: float | None = None,
+    vmin: float | None = 0.0,
     reference: int = 0,
     titles: Sequence[str] | None = None,
 ) -> Figure:
     """One case under several variants: images, per-subject maps on ONE colour scale, and differences.
 
     Columns: one per run, then (``differences=True``) one per ``run - runs[reference]``. Rows: the images
-    with their boxes, then one row per subject (or prompt word). Heatmaps share one scale from 0 to
-    ``vmax`` (default: the largest value over all variants); difference maps share one symmetric scale.
+    with their boxes, then one row per subject (or prompt word). Heatmaps share one scale from ``vmin``
+    (default 0; None: the smallest value shown) to ``vmax`` (default: the largest value over all
+    variants); difference maps share one symmetric scale.
     Regions where boxes overlap are outlined (dotted) on the difference maps: between ``anyms`` and ``mask`` the
     image branch differs only there (priority vs sum), so differences elsewhere come from the diverging
     trajectories of later layers and steps (compare ``steps=0``). A ``text`` run has no image branch and
@@ -294,7 +298,7 @@ def plot_comparison(
     grid = np.array(fig.axes, dtype=object).reshape(nrows, ncols)
     image_size = first.image.size
     boxes = first.boxes
-    vmax = _shared_vmax([m for m in maps if m is not None], vmax)
+    vmin, vmax = _shared_limits([m for m in maps if m is not None], vmin, vmax)
 
     heat_axes, heat_artist = [], None
     for column, (run, values, title) in enumerate(zip(runs, maps, titles)):
@@ -308,7 +312,7 @@ def plot_comparison(
                 _empty_panel(ax, "no image branch")
             else:
                 heat_artist = draw_heatmap(ax, values[row - 1], image=run.image if overlay else None, image_size=run.image.size,
-                                           vmax=vmax, label=f"{HEATMAP_LABEL}:{run.variant}:{name}")
+                                           vmin=vmin, vmax=vmax, label=f"{HEATMAP_LABEL}:{run.variant}:{name}")
                 heat_axes.append(ax)
             draw_boxes(ax, boxes, run.image.size, highlight=subject, linewidth=1.2)
             if column == 0:
@@ -431,6 +435,7 @@ def plot_steps(
     resolution: int | tuple[int, int] | None = None,
     layers: str | Sequence[str] | None = None,
     vmax: float | None = None,
+    vmin: float | None = 0.0,
 ) -> Figure:
     """The predicted clean image (x0) at chosen steps; with ``kind``, each subject's map at those steps below.
 
@@ -454,7 +459,7 @@ def plot_steps(
         names = run.attention.items(kind)
     fig = _new_figure(1 + len(names), len(steps))
     grid = np.array(fig.axes, dtype=object).reshape(1 + len(names), len(steps))
-    vmax = _shared_vmax([maps], vmax) if maps is not None else None
+    vmin, vmax = _shared_limits([maps], vmin, vmax) if maps is not None else (vmin, vmax)
     artist = None
     for column, step in enumerate(steps):
         ax = grid[0, column]
@@ -463,7 +468,7 @@ def plot_steps(
         ax.set_title(f"step {step + 1}/{total}", fontsize=8)
         for row, name in enumerate(names, start=1):
             subject = row - 1 if kind in IMAGE_BRANCH_KINDS else None
-            artist = draw_heatmap(grid[row, column], maps[column, row - 1], image_size=run.image.size, vmax=vmax)
+            artist = draw_heatmap(grid[row, column], maps[column, row - 1], image_size=run.image.size, vmin=vmin, vmax=vmax)
             draw_boxes(grid[row, column], run.boxes, run.image.size, highlight=subject, linewidth=1.2)
             if column == 0:
                 grid[row, column].set_ylabel(name, fontsize=8, color=subject_color(subject) if subject is not None else "black")
@@ -547,11 +552,12 @@ def _steps_text(run: Run, steps) -> str:
     return f"steps {list(steps)}"
 
 
-def _shared_vmax(arrays: Sequence[np.ndarray | None], vmax: float | None) -> float:
-    if vmax is not None:
-        return float(vmax)
-    peak = max((float(np.max(a)) for a in arrays if a is not None), default=0.0)
-    return peak if peak > 0 else 1.0
+def _shared_limits(arrays: Sequence[np.ndarray | None], vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """One colour scale for every panel of a figure: given limits, else the extremes of all maps shown."""
+    present = [a for a in arrays if a is not None]
+    low = float(vmin) if vmin is not None else min((float(np.min(a)) for a in present), default=0.0)
+    high = float(vmax) if vmax is not None else max((float(np.max(a)) for a in present), default=1.0)
+    return low, (high if high > low else low + 1.0)
 
 
 def _new_figure(nrows: int, ncols: int, height: float | None = None) -> Figure:

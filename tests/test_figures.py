@@ -123,6 +123,14 @@ def test_comparison_shares_one_colour_scale_across_variants():
     assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == (1 + 3) * (3 + 2)
 
 
+def test_min_max_normalized_scale_is_still_shared():
+    runs = [synthetic_run("anyms", 1.0), synthetic_run("mask", 2.0)]
+    fig = figures.plot_comparison(runs, kind="affinity", vmin=None, differences=False)
+    maps = [r.attention.maps("affinity") for r in runs]
+    (clim,) = {h.get_clim() for h in heatmap_images(fig)}
+    assert clim == (pytest.approx(min(m.min() for m in maps), rel=1e-4), pytest.approx(max(m.max() for m in maps), rel=1e-4))
+
+
 def test_comparison_marks_overlaps_and_leaves_text_variant_empty():
     runs = [synthetic_run("anyms"), synthetic_run("mask"), synthetic_run("text")]
     fig = figures.plot_comparison(runs, kind="contribution")
