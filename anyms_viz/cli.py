@@ -23,7 +23,7 @@ DEMO_PROMPT = "a photo at night"
 DEMO_SUBJECTS = [
     ("red circle", [0.06, 0.08, 0.48, 0.5]),
     ("cyan square", [0.52, 0.1, 0.94, 0.52]),
-    ("yellow triangle", [0.3, 0.5, 0.72, 0.94]),
+    ("yellow triangle", [0.3, 0.42, 0.72, 0.92]),
 ]
 DEMO_VARIANTS = ("anyms", "mask", "none")
 
