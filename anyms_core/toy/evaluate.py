@@ -111,6 +111,81 @@ def markdown_table(groups: dict, variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def draw_boxes(image, boxes: list[list[float]], colors: list[tuple[float, float, float]], scale: int = 4):
+    """Upscale (nearest) and outline each box in its subject's colour."""
+    from PIL import Image, ImageDraw
+
+    big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(big)
+    for (x0, y0, x1, y1), rgb in zip(boxes, colors):
+        draw.rectangle(
+            [x0 * big.width, y0 * big.height, x1 * big.width - 1, y1 * big.height - 1],
+            outline=tuple(int(255 * c) for c in rgb), width=1,
+        )
+    return big
+
+
+def card_figures(pipe, out_dir: str | Path, train_dir: str | Path | None = None, guidance: float | None = None,
+                 steps: int | None = None) -> list[Path]:
+    """The model card's figures: loss curve, text-only and one-subject samples, and AnyMS variants."""
+    from PIL import Image, ImageDraw
+
+    from anyms_core import AnyMS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if train_dir is not None and (Path(train_dir) / "loss_log.csv").exists():
+        import csv
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = list(csv.DictReader(open(Path(train_dir) / "loss_log.csv")))
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for stage in ("1", "2"):
+            r = [x for x in rows if x["stage"] == stage]
+            if r:
+                ax.plot([int(x["step"]) for x in r], [float(x["loss"]) for x in r],
+                        label=f"stage {stage}: " + ("base (UNet + text encoder)" if stage == "1" else "IP-Adapter (base frozen)"))
+        ax.set_xlabel("optimizer step (within the stage)")
+        ax.set_ylabel("v-prediction MSE")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "toy-loss.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "toy-loss.png")
+
+    anyms = AnyMS(pipe)
+    variants = ["anyms", "mask", "none", "joint", "text"]
+    header_h, cell = 14, 32 * 4 + 4
+    for name, counts in (("toy-anyms.png", (2, 3, 4, 5)),):
+        cases = [world.make_cases(n, 1, seed=7)[0] for n in counts]
+        columns = ["refs", "target"] + variants
+        sheet = Image.new("RGB", (cell * len(columns), header_h + cell * len(cases)), (255, 255, 255))
+        draw = ImageDraw.Draw(sheet)
+        for j, label in enumerate(columns):
+            draw.text((j * cell + 4, 2), label, fill=(0, 0, 0))
+        for i, case in enumerate(cases):
+            colors = [s.rgb for s in case.sprites]
+            y = header_h + i * cell
+            refs = Image.new("RGB", (128, 128), (255, 255, 255))
+            k = math.ceil(math.sqrt(len(case.references)))
+            for r, ref in enumerate(case.references):
+                refs.paste(ref.resize((128 // k, 128 // k), Image.NEAREST), ((r % k) * (128 // k), (r // k) * (128 // k)))
+            sheet.paste(refs, (0, y))
+            sheet.paste(draw_boxes(case.render(), case.boxes, colors), (cell, y))
+            for j, variant in enumerate(variants):
+                image = generate_case(anyms, case, variant, steps, guidance, 32)
+                sheet.paste(draw_boxes(image, case.boxes, colors), ((j + 2) * cell, y))
+        sheet.save(out_dir / name)
+        written.append(out_dir / name)
+    return written
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m anyms_core.toy.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--subjects", type=int, nargs="+", default=[2, 3, 4, 5])
@@ -125,6 +200,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first cases' images here")
+    p.add_argument("--card-figures", default=None, help="only write the model card's figures to this folder")
+    p.add_argument("--train-dir", default=None, help="training output folder (its loss_log.csv) for --card-figures")
     return p.parse_args(argv)
 
 
@@ -134,6 +211,10 @@ def main(argv=None) -> dict:
     from .pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_toy_pipeline
 
     pipe = load_toy_pipeline(args.weights)
+    if args.card_figures:
+        paths = card_figures(pipe, args.card_figures, args.train_dir, guidance=args.guidance, steps=args.steps)
+        print("\n".join(str(p) for p in paths))
+        return {"figures": [str(p) for p in paths]}
     start = time.perf_counter()
     results = evaluate(
         pipe, args.subjects, args.cases, args.variants, seed=args.seed, steps=args.steps, guidance=args.guidance,

@@ -400,6 +400,7 @@ def main(argv=None) -> dict:
             unit="step" if fixed_steps else "s",
             desc=f"stage {stage}",
             dynamic_ncols=True,
+            mininterval=2.0,
             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]",
         )
         while True:
@@ -463,9 +464,12 @@ def main(argv=None) -> dict:
     shipped = load_toy_pipeline(weights, device=device)
     summary, text_summary = {}, {}
     if args.check_images > 0:  # checks and the sample grid on the exported weights, as users load them
-        summary, images = quick_check(shipped, 2, max(args.check_images, 6), seed=12345)
-        text_summary, text_images = _text_only_check(shipped, 6)
-        image_grid(text_images + images, columns=6).save(out / "samples.png")
+        try:
+            summary, images = quick_check(shipped, 2, max(args.check_images, 6), seed=12345)
+            text_summary, text_images = _text_only_check(shipped, 6)
+            image_grid(text_images + images, columns=6).save(out / "samples.png")
+        except Exception as error:  # noqa: BLE001  (the weights are already written)
+            summary = {"error": repr(error)}
     result = {
         "args": vars(args),
         "steps": state["step"],
@@ -520,7 +524,10 @@ def _checkpoint(pipe, optimizer, ema, params, state, generator, path, stage, arg
     pipe.unet.eval(), pipe.text_encoder.eval(), pipe.image_encoder.eval()
     try:
         if args.check_images > 0:
-            summary, _ = quick_check(pipe, stage, args.check_images, seed=stage)
+            try:  # a diagnostic must never end a training run
+                summary, _ = quick_check(pipe, stage, args.check_images, seed=stage)
+            except Exception as error:  # noqa: BLE001
+                summary = {"error": repr(error)}
             row = {"stage": stage, "step": state["step"][stage], "seconds": round(state["elapsed"][stage], 1), **summary}
             state["checks"].append(row)
             saved["checks"] = state["checks"]
