@@ -47,7 +47,7 @@ from .palette import (
 
 __all__ = [
     "SUBJECT_COLORS", "VARIANT_LABELS", "subject_color", "draw_boxes", "draw_overlaps", "draw_heatmap",
-    "draw_layout", "plot_image", "plot_attention", "plot_comparison", "plot_ablation_grid",
+    "draw_layout", "overlap_regions", "plot_image", "plot_attention", "plot_comparison", "plot_ablation_grid",
     "plot_layout_panel", "plot_steps", "save",
 ]
 
