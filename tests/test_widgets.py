@@ -175,6 +175,15 @@ def test_scrubber_kinds_and_layers(runs):
     assert list(StepScrubber(runs["text"]).kind.options) == ["text"]
 
 
+def test_scrubber_colour_range(runs):
+    scrubber = StepScrubber(runs["anyms"], kind="affinity")
+    assert "affinity: 0 " in scrubber.scale.value
+    before = bytes(scrubber.panels.children[1].children[1].value)
+    scrubber.range.value = "min"  # affinities of two subjects sit near 0.5: stretch them
+    assert "affinity: 0 " not in scrubber.scale.value
+    assert bytes(scrubber.panels.children[1].children[1].value) != before
+
+
 def test_scrubber_static_pictures(runs):
     scrubber = StepScrubber(runs["mask"])
     assert_png(scrubber.to_png())

@@ -2,8 +2,8 @@
 
 Each frame shows the predicted clean image (x0) at one step and, for the chosen kind of map, one
 panel per subject (or prompt word) with the map over that step's image and the boxes on top. All
-steps and panels of a selection share one colour scale (0 to the largest value), so a map growing
-over the steps looks like it. Frames are rasters (PIL, no matplotlib), cheap enough to play.
+steps and panels of a selection share one colour scale (0 to the largest value, or the smallest to
+the largest: affinities of a few subjects all sit near 1/S), so a map growing over the steps looks like it. Frames are rasters (PIL, no matplotlib), cheap enough to play.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class StepScrubber(widgets.VBox):
     def __init__(self, run: Run | None = None, kind: str | None = None, panel_size: int = 192, interval_ms: int = 350) -> None:
         self.run: Run | None = None
         self.panel_size = panel_size
-        self._maps_cache: dict[tuple[str, str], tuple[dict[int, np.ndarray], float]] = {}
+        self._maps_cache: dict[tuple[str, str], tuple[dict[int, np.ndarray], float, float]] = {}
         self.play = widgets.Play(min=0, max=0, step=1, interval=interval_ms, description="play", show_repeat=False)
         # No read-out: the slider counts from 0, people count steps from 1; the label says "step k / N".
         self.slider = widgets.IntSlider(min=0, max=0, description="step", continuous_update=True, readout=False,
@@ -77,17 +77,20 @@ class StepScrubber(widgets.VBox):
         widgets.jslink((self.play, "value"), (self.slider, "value"))  # playing needs no kernel round trip
         self.kind = widgets.Dropdown(description="maps", layout=widgets.Layout(width="220px"))
         self.layers = widgets.Dropdown(description="layers", layout=widgets.Layout(width="240px"))
+        self.range = widgets.ToggleButtons(options=[("0 to max", "zero"), ("min to max", "min")], value="zero",
+                                           description="colours", style={"button_width": "80px"})
         self.step_label = widgets.HTML()
         self.step_label.add_class("anyms-step-label")
         self.panels = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.scale = widgets.HTML()
         controls = widgets.HBox([self.play, self.slider, self.step_label])
-        options = widgets.HBox([self.kind, self.layers])
+        options = widgets.HBox([self.kind, self.layers, self.range])
         super().__init__([controls, options, self.panels, self.scale])
         self.add_class("anyms-step-scrubber")
         self.slider.observe(lambda _: self._draw(), names="value")
         self.kind.observe(lambda _: self._draw(), names="value")
         self.layers.observe(lambda _: self._draw(), names="value")
+        self.range.observe(lambda _: self._draw(), names="value")
         self.set_run(run, kind=kind)
 
     # --- state -----------------------------------------------------------------------------------
@@ -138,8 +141,8 @@ class StepScrubber(widgets.VBox):
     def _selection(self) -> dict:
         return dict(layer_choices(self.run)).get(self.layers.value, {})
 
-    def _maps(self) -> tuple[dict[int, np.ndarray], float] | None:
-        """Maps of the chosen kind and layers: {step: [items, h, w]} for every recorded step, and their max."""
+    def _maps(self) -> tuple[dict[int, np.ndarray], float, float] | None:
+        """Maps of the chosen kind and layers, {step: [items, h, w]} for every recorded step, and the colour range."""
         if self.run is None or self.kind.value not in recorded_kinds(self.run):
             return None
         key = (self.kind.value, self.layers.value)
@@ -147,9 +150,11 @@ class StepScrubber(widgets.VBox):
             kind = self.kind.value
             steps = sorted({step for k, step, _ in self.run.attention.entries if k == kind})
             maps = self.run.attention.maps(kind, steps=steps, per_step=True, **self._selection())
-            peak = float(maps.max()) if maps.size else 0.0
-            self._maps_cache[key] = (dict(zip(steps, maps)), peak if peak > 0 else 1.0)
-        return self._maps_cache[key]
+            low, high = (float(maps.min()), float(maps.max())) if maps.size else (0.0, 0.0)
+            self._maps_cache[key] = (dict(zip(steps, maps)), low, high)
+        by_step, low, high = self._maps_cache[key]
+        vmin = low if self.range.value == "min" else 0.0
+        return by_step, vmin, high if high > vmin else vmin + 1.0
 
     # --- drawing ---------------------------------------------------------------------------------
     def frame(self, step: int | None = None) -> list[tuple[str, Image.Image]]:
@@ -170,12 +175,12 @@ class StepScrubber(widgets.VBox):
         maps = self._maps()
         if maps is None:
             return panels
-        by_step, vmax = maps
+        by_step, vmin, vmax = maps
         for index, item in enumerate(run.attention.items(self.kind.value)):
             if step not in by_step:
                 panels.append((f"{item}: no map at this step", base))
                 continue
-            overlaid = overlay_heatmap(base, by_step[step][index], vmin=0.0, vmax=vmax)
+            overlaid = overlay_heatmap(base, by_step[step][index], vmin=vmin, vmax=vmax)
             outlined = draw_boxes_on_image(overlaid, boxes, colors=colors, width=1)
             if self.kind.value != "text":  # the subject's own box, bold
                 outlined = draw_boxes_on_image(outlined, [boxes[index]], colors=[colors[index]], width=3)
@@ -205,7 +210,7 @@ class StepScrubber(widgets.VBox):
             picture.add_class("anyms-panel")
             child.layout.width = f"{image.width + 8}px"  # captions wrap instead of running into the next panel
         maps = self._maps()
-        self.scale.value = "" if maps is None else _colour_scale_html(self.kind.value, maps[1])
+        self.scale.value = "" if maps is None else _colour_scale_html(self.kind.value, maps[1], maps[2])
 
     # --- static pictures -------------------------------------------------------------------------
     def plot(self, step: int | None = None, axes: Sequence[Axes] | None = None) -> Figure:
@@ -238,10 +243,10 @@ class StepScrubber(widgets.VBox):
         return png_mimebundle(super()._repr_mimebundle_(**kwargs), self.to_png())
 
 
-def _colour_scale_html(kind: str, vmax: float) -> str:
+def _colour_scale_html(kind: str, vmin: float, vmax: float) -> str:
     """A colour bar as an inline PNG, with its range: the same scale for every step and panel."""
     gradient = heatmap_to_rgba(np.linspace(0, 1, 160, dtype=np.float32)[None].repeat(10, 0), vmin=0.0, vmax=1.0, cmap=HEATMAP_CMAP)
     encoded = base64.b64encode(png_bytes(gradient)).decode("ascii")
-    return (f"<span style='font-size: 11px'>{html.escape(kind)}: 0 "
+    return (f"<span style='font-size: 11px'>{html.escape(kind)}: {vmin:.3g} "
             f"<img src='data:image/png;base64,{encoded}' style='vertical-align: middle; height: 10px'> "
             f"{vmax:.3g} (one scale for all steps and panels)</span>")
