@@ -294,6 +294,8 @@ def test_explorer_compares_variants(explorer):
 
 def test_explorer_static_picture(explorer):
     assert_png(explorer.to_png())
+    figure = Figure()
+    assert explorer.plot(axes=figure.subplots(1, 2)) is figure
     bundle = bundle_of(explorer)
     assert WIDGET_MIME in bundle and "image/png" in bundle
 

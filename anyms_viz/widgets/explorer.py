@@ -13,6 +13,7 @@ import threading
 from typing import Iterator, Sequence
 
 import ipywidgets as widgets
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from anyms_core import VARIANTS, AnyMS, Run, Subject
@@ -252,14 +253,20 @@ class Explorer(widgets.VBox):
         self.status.value = f"<div class='{role}' style='color: {color}; max-width: 640px'>{message}</div>"
 
     # --- static picture --------------------------------------------------------------------------
-    def plot(self) -> Figure:
-        """The layout on the latest image and the result without boxes (the layout alone before a run)."""
-        figure = Figure(figsize=(6.4 if self.run else 3.4, 3.4), layout="constrained")
-        axes = figure.subplots(1, 2 if self.run else 1, squeeze=False)[0]
+    def plot(self, axes: Sequence[Axes] | None = None) -> Figure:
+        """The layout on the latest image and the result without boxes (the layout alone before a run),
+        on ``axes`` (two, or one before a run; a new figure if None)."""
+        panels = 2 if self.run is not None else 1
+        if axes is None:
+            figure = Figure(figsize=(3.4 * panels, 3.4), layout="constrained")
+            axes = figure.subplots(1, panels, squeeze=False)[0]
+        axes = list(axes)
+        if len(axes) != panels:
+            raise ValueError(f"Explorer.plot draws {panels} panels; got {len(axes)} axes.")
         self.editor.plot(ax=axes[0])
         if self.run is not None:
             figures.plot_image(self.run, ax=axes[1], boxes=False)
-        return figure
+        return axes[0].figure
 
     def to_png(self) -> bytes:
         return figure_png(self.plot(), dpi=80)
