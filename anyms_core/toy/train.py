@@ -108,16 +108,21 @@ def stage1_batch(n: int, size: int, generator: torch.Generator, device) -> tuple
 
 
 def stage2_batch(
-    n: int, size: int, generator: torch.Generator, device
+    n: int, size: int, generator: torch.Generator, device, frame_fraction: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Single-sprite scenes [n, 3, H, W] in [-1, 1], prompt indices [n], reference pixel values
     [n, 3, 32, 32] (normalized as the feature extractor does) and a keep-image mask [n]."""
     backgrounds = _randint(len(world.BACKGROUNDS), (n,), generator, device)
     shapes = _randint(len(world.SHAPES), (n, 1), generator, device)
     colors = _randint(len(world.COLOR_NAMES), (n, 1), generator, device)
-    # Sizes vary widely, up to nearly the whole image, so that a subject injected into any box
-    # region is a plausible "sprite filling this region".
-    boxes = random_boxes(n, 1, 0.2, 0.95, generator, device)
+    # Sizes vary widely, and a share of the scenes are object-centric (the sprite inscribed in the whole
+    # frame, as in the photos real adapters learn from): with tokens everywhere, the sprite spans the
+    # region that receives them. AnyMS later gives the tokens to a box only, and the sprite spans the box.
+    boxes = random_boxes(n, 1, 0.2, 0.9, generator, device)
+    margins = 0.08 * torch.rand(n, 1, 4, generator=generator, device=device)
+    framed = torch.cat([margins[..., :2], 1 - margins[..., 2:]], dim=-1)
+    use_frame = torch.rand(n, 1, 1, generator=generator, device=device) < frame_fraction
+    boxes = torch.where(use_frame, framed, boxes)
     present = torch.ones(n, 1, dtype=torch.bool, device=device)
     images = world.render_batch(backgrounds, shapes, colors, boxes, present, size, size, generator)
 
@@ -286,6 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage1-fraction", type=float, default=0.4, help="share of the training time for stage 1")
     p.add_argument("--stage1-steps", type=int, default=None, help="fixed step count for stage 1 (overrides time)")
     p.add_argument("--stage2-steps", type=int, default=None, help="fixed step count for stage 2 (overrides time)")
+    p.add_argument("--frame-fraction", type=float, default=0.5,
+                   help="share of stage-2 scenes whose sprite is inscribed in the whole frame")
     p.add_argument("--lr1", type=float, default=6e-4)
     p.add_argument("--lr2", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -417,7 +424,7 @@ def main(argv=None) -> dict:
                 text_embeds = pipe.text_encoder(tokens[prompts])[0]
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator)
             else:
-                images, prompts, refs, keep = stage2_batch(args.batch_size, 32, generator, device)
+                images, prompts, refs, keep = stage2_batch(args.batch_size, 32, generator, device, args.frame_fraction)
                 with torch.no_grad():
                     text_embeds = pipe.text_encoder(tokens[prompts])[0]
                 image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
