@@ -31,6 +31,14 @@ TEXT_DIM = 32
 IMAGE_EMBED_DIM = 32
 
 
+def random_reference_image(seed: int, size: int = 40):
+    """A seeded RGB noise image to stand in for a subject's reference photo."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype(np.uint8))
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP's reversible map from bytes to printable unicode symbols."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from anyms_core.cli import CaseError, load_case, main
-from conftest import reference_image
+from anyms_core.testing import random_reference_image as reference_image
 
 
 def write_case(tmp_path, **overrides):

@@ -8,7 +8,7 @@ from PIL import Image
 from anyms_core.layout import (
     GridLayout, Subject, box_to_cells, level_grid, load_reference_image, paint_order, round_half_up, validate_subjects,
 )
-from conftest import reference_image
+from anyms_core.testing import random_reference_image as reference_image
 
 
 def test_round_half_up_is_not_bankers_rounding():

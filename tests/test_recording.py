@@ -8,7 +8,7 @@ from anyms_core import AnyMS, RecordConfig, Run, Subject, decoupled
 from anyms_core.layout import GridLayout
 from anyms_core.processor import AnyMSAttnProcessor
 from anyms_core.recording import AttentionMaps
-from conftest import reference_image
+from anyms_core.testing import random_reference_image as reference_image
 
 BOXES = [[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]
 

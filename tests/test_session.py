@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from anyms_core import AnyMS, Subject, decoupled
 from anyms_core.processor import AnyMSAttnProcessor
-from conftest import reference_image
+from anyms_core.testing import random_reference_image as reference_image
 
 CALL = dict(num_inference_steps=3, height=64, width=64, output_type="np")
 
