@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import TOKEN
+from .harness import TOKEN
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
