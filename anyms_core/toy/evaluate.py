@@ -186,6 +186,27 @@ def card_figures(pipe, out_dir: str | Path, train_dir: str | Path | None = None,
     return written
 
 
+def tune_sampling(pipe, weights_dir: str | Path, guidances: list[float], steps: list[int], n_cases: int = 20,
+                  seed: int = 1, min_background: float = 0.9) -> dict:
+    """Choose the weights' default guidance and steps on VALIDATION cases (seed 1, never the reported
+    seed-0 set): the most placed subjects (anyms, 2 and 4 subjects) with background accuracy >=
+    `min_background`, fewer steps on ties. Writes WEIGHTS/sampling.json."""
+    trials = []
+    for g in guidances:
+        for k in steps:
+            r = evaluate(pipe, [2, 4], n_cases, ["anyms"], seed=seed, steps=k, guidance=g, bootstrap=0, progress=False)
+            placed = sum(r["groups"][n]["anyms"]["placed"]["mean"] for n in ("2", "4")) / 2
+            background = min(r["groups"][n]["anyms"]["background"]["mean"] for n in ("2", "4"))
+            trials.append({"guidance_scale": g, "num_inference_steps": k, "placed": placed, "background": background})
+            print(trials[-1], file=sys.stderr)
+    ok = [t for t in trials if t["background"] >= min_background] or trials
+    best = max(ok, key=lambda t: (round(t["placed"], 3), -t["num_inference_steps"]))
+    sampling = {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"],
+                "chosen_on": f"validation cases seed={seed}, {n_cases} per subject count", "trials": trials}
+    (Path(weights_dir) / "sampling.json").write_text(json.dumps(sampling, indent=1) + "\n")
+    return sampling
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m anyms_core.toy.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--subjects", type=int, nargs="+", default=[2, 3, 4, 5])
@@ -202,15 +223,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first cases' images here")
     p.add_argument("--card-figures", default=None, help="only write the model card's figures to this folder")
     p.add_argument("--train-dir", default=None, help="training output folder (its loss_log.csv) for --card-figures")
+    p.add_argument("--tune-guidance", type=float, nargs="+", default=None,
+                   help="only choose the default guidance (and --tune-steps) on validation cases; writes WEIGHTS/sampling.json")
+    p.add_argument("--tune-steps", type=int, nargs="+", default=[12])
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from .pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, load_toy_pipeline
+    from .pipeline import load_toy_pipeline
 
     pipe = load_toy_pipeline(args.weights)
+    if args.tune_guidance:
+        from .pipeline import DEFAULT_WEIGHTS_DIR
+
+        return tune_sampling(pipe, args.weights or DEFAULT_WEIGHTS_DIR, args.tune_guidance, args.tune_steps, n_cases=args.cases)
     if args.card_figures:
         paths = card_figures(pipe, args.card_figures, args.train_dir, guidance=args.guidance, steps=args.steps)
         print("\n".join(str(p) for p in paths))
@@ -225,7 +253,8 @@ def main(argv=None) -> dict:
         "command": "python -m anyms_core.toy.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {
             "subjects": args.subjects, "cases": args.cases, "variants": args.variants, "seed": args.seed,
-            "steps": args.steps or DEFAULT_NUM_INFERENCE_STEPS, "guidance": args.guidance or DEFAULT_GUIDANCE_SCALE,
+            "steps": args.steps or pipe.default_num_inference_steps,
+            "guidance": pipe.default_guidance_scale if args.guidance is None else args.guidance,
             "size": args.size, "weights": str(args.weights or "shipped"), "threads": args.threads,
         },
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},

@@ -283,6 +283,10 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
             feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = FOLD  # image pixels per latent cell, as in SD pipelines
+        # Sampling defaults used when a call leaves them None; the weights folder's sampling.json
+        # (chosen on validation cases for those weights) overrides them in load_toy_pipeline.
+        self.default_num_inference_steps = DEFAULT_NUM_INFERENCE_STEPS
+        self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE
 
     # -- properties mirrored from StableDiffusionPipeline -------------------------------------
     @property
@@ -332,8 +336,8 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -354,7 +358,11 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         `ip_adapter_image` is a list per loaded adapter, each a list of images: several subjects are
         several images of one adapter (`[[img_a, img_b]]`), reaching the attention processors as
         `[B, num_images, 4, dim]`. `output_type` is "pil", "np", "pt" (RGB in [0, 1]) or "latent".
+        `num_inference_steps` / `guidance_scale` left None take `pipe.default_num_inference_steps` /
+        `pipe.default_guidance_scale` (from the weights folder's sampling.json).
         """
+        num_inference_steps = num_inference_steps or self.default_num_inference_steps
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         height = height or self.unet.config.sample_size * FOLD
         width = width or self.unet.config.sample_size * FOLD
         if height % (FOLD * 4) or width % (FOLD * 4):
@@ -481,6 +489,8 @@ def save_toy_pipeline(pipe: ToyWorldPipeline, directory: str | os.PathLike, dtyp
     pipe.scheduler.save_pretrained(directory / "scheduler")
     (directory / "ip_adapter").mkdir(exist_ok=True)
     save_file({k: v.to(dtype) for k, v in ip_state.items()}, directory / "ip_adapter" / IP_ADAPTER_WEIGHT_NAME)
+    sampling = {"num_inference_steps": pipe.default_num_inference_steps, "guidance_scale": pipe.default_guidance_scale}
+    (directory / "sampling.json").write_text(json.dumps(sampling, indent=1) + "\n")
 
 
 def load_toy_pipeline(
@@ -502,5 +512,9 @@ def load_toy_pipeline(
         feature_extractor=CLIPImageProcessor.from_pretrained(weights_dir / "feature_extractor"),
     )
     pipe.load_ip_adapter(str(weights_dir), subfolder="ip_adapter", weight_name=IP_ADAPTER_WEIGHT_NAME, local_files_only=True)
+    if (weights_dir / "sampling.json").exists():
+        sampling = json.loads((weights_dir / "sampling.json").read_text())
+        pipe.default_num_inference_steps = int(sampling["num_inference_steps"])
+        pipe.default_guidance_scale = float(sampling["guidance_scale"])
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
