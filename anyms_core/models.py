@@ -93,9 +93,12 @@ def load_sdxl_with_ip_adapter(
     if adapter not in SDXL_IP_ADAPTERS:
         raise ValueError(f"Unknown SDXL IP-Adapter {adapter!r}; choose one of {sorted(SDXL_IP_ADAPTERS)}.")
     weights = SDXL_IP_ADAPTERS[adapter]
+    # diffusers reads a bare folder name under the weight's subfolder, a path with "/" from the repo root
+    encoder_folder = (weights.image_encoder_folder if "/" in weights.image_encoder_folder
+                      else f"{weights.subfolder}/{weights.image_encoder_folder}")
     _check_local_folder(base, ["model_index.json", "unet/config.json"], what="SDXL base", hub_id=SDXL_BASE)
     _check_local_folder(
-        ip_adapter, [f"{weights.subfolder}/{weights.weight_name}", f"{weights.image_encoder_folder}/config.json"],
+        ip_adapter, [f"{weights.subfolder}/{weights.weight_name}", f"{encoder_folder}/config.json"],
         what="IP-Adapter", hub_id=IP_ADAPTER_REPO,
     )
     try:
@@ -109,7 +112,7 @@ def load_sdxl_with_ip_adapter(
             f"Could not load SDXL + IP-Adapter ({error}). Download them first, e.g.\n"
             f"  huggingface-cli download {SDXL_BASE}\n"
             f"  huggingface-cli download {IP_ADAPTER_REPO} {weights.subfolder}/{weights.weight_name} "
-            f"--include '{weights.image_encoder_folder}/*'\n"
+            f"--include '{encoder_folder}/*'\n"
             "or pass local folders with the same layout."
         ) from None
     pipe.anyms_model_name = f"sdxl+ip-adapter:{adapter}"
