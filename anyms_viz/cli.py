@@ -46,9 +46,11 @@ def demo_command(args: argparse.Namespace) -> int:
         run.save(out / "runs" / variant)
         run.image.resize((run.image.width * 8, run.image.height * 8), 0).save(out / f"{variant}.png")
         runs.append(run)
-    written = figures.save(figures.plot_comparison(runs, kind="affinity", differences=False), out / "comparison.png", dpi=200)
-    written += figures.save(figures.plot_attention(runs[0], kind="contribution"), out / "attention.png", dpi=200)
-    written += figures.save(figures.plot_comparison(runs, kind="affinity"), out / "comparison_with_differences.png", dpi=200)
+    # contribution: where each subject's image tokens were actually injected under each variant
+    written = figures.save(figures.plot_comparison(runs, kind="contribution", differences=False), out / "comparison.png", dpi=200)
+    # affinity: where each position "wants" each subject, whatever the variant allows
+    written += figures.save(figures.plot_attention(runs[0], kind="affinity"), out / "attention.png", dpi=200)
+    written += figures.save(figures.plot_comparison(runs, kind="contribution"), out / "comparison_with_differences.png", dpi=200)
     print(f"wrote {', '.join(str(p) for p in written)} and per-variant images and runs under {out} "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
