@@ -77,14 +77,14 @@ class StepScrubber(widgets.VBox):
         widgets.jslink((self.play, "value"), (self.slider, "value"))  # playing needs no kernel round trip
         self.kind = widgets.Dropdown(description="maps", layout=widgets.Layout(width="220px"))
         self.layers = widgets.Dropdown(description="layers", layout=widgets.Layout(width="240px"))
-        self.range = widgets.ToggleButtons(options=[("0 to max", "zero"), ("min to max", "min")], value="zero",
-                                           description="colours", style={"button_width": "80px"})
+        self.range = widgets.Dropdown(options=[("0 to max", "zero"), ("min to max", "min")], value="zero",
+                                      description="colours", layout=widgets.Layout(width="200px"))
         self.step_label = widgets.HTML()
         self.step_label.add_class("anyms-step-label")
         self.panels = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.scale = widgets.HTML()
         controls = widgets.HBox([self.play, self.slider, self.step_label])
-        options = widgets.HBox([self.kind, self.layers, self.range])
+        options = widgets.HBox([self.kind, self.layers, self.range], layout=widgets.Layout(flex_flow="row wrap"))
         super().__init__([controls, options, self.panels, self.scale])
         self.add_class("anyms-step-scrubber")
         self.slider.observe(lambda _: self._draw(), names="value")
