@@ -162,8 +162,8 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 contributions = []
                 for j in range(num_subjects):
                     z_j = self._attend(query, subject_keys[j], subject_values[j], batch_size, attn.heads * head_dim)
-                    contributions.append(scales[j] * z_j)
-                    hidden_states = hidden_states + scales[j] * z_j
+                    contributions.append(_scaled(z_j, scales[j]))
+                    hidden_states = hidden_states + contributions[-1]
                 if recorder is not None:
                     recorder.observe_contributions(self.layer_name, state, contributions, num_queries)
             elif state.variant == "mask":
@@ -173,7 +173,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 contributions = []
                 for j in range(num_subjects):
                     z_j = self._attend(query, subject_keys[j], subject_values[j], batch_size, attn.heads * head_dim)
-                    masked = scales[j] * (z_j * masks[j][None, :, None])
+                    masked = _scaled(z_j * masks[j][None, :, None], scales[j])
                     contributions.append(masked)
                     hidden_states = hidden_states + masked
                 if recorder is not None:
@@ -183,12 +183,14 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 # result is pasted back; painting from low to high priority leaves each overlap to its owner.
                 layout = state.grid_layout(num_queries)
                 query_grid = query.view(batch_size, attn.heads, layout.height, layout.width, head_dim)
-                image_part = hidden_states.new_zeros(batch_size, layout.height, layout.width, attn.heads * head_dim)
+                image_part = hidden_states.new_zeros(batch_size, layout.height, layout.width, attn.heads, head_dim)
                 for j in layout.paint_order:
                     row0, row1, col0, col1 = layout.cells[j]
                     cropped_query = query_grid[:, :, row0:row1, col0:col1].reshape(batch_size, attn.heads, -1, head_dim)
-                    z_j = self._attend(cropped_query, subject_keys[j], subject_values[j], batch_size, attn.heads * head_dim)
-                    image_part[:, row0:row1, col0:col1] = (scales[j] * z_j).view(batch_size, row1 - row0, col1 - col0, -1)
+                    z_j = F.scaled_dot_product_attention(cropped_query, subject_keys[j], subject_values[j])
+                    # pasted straight into the box through a view: [B, heads, rows*cols, d] -> [B, rows, cols, heads, d]
+                    z_j = z_j.permute(0, 2, 1, 3).unflatten(1, (row1 - row0, col1 - col0))
+                    image_part[:, row0:row1, col0:col1] = _scaled(z_j, scales[j])
                 image_part = image_part.view(batch_size, num_queries, -1)
                 hidden_states = hidden_states + image_part
                 if recorder is not None:
@@ -227,6 +229,11 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 )
             return [float(s) for s in adapter_scale]
         return [float(adapter_scale)] * num_subjects
+
+
+def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * tensor, skipping the multiplication (one kernel launch per subject and layer) at 1.0."""
+    return tensor if scale == 1.0 else scale * tensor
 
 
 def replaceable_processors(processors: dict[str, object]) -> dict[str, IPAdapterAttnProcessor2_0]:
