@@ -516,5 +516,7 @@ def load_toy_pipeline(
         sampling = json.loads((weights_dir / "sampling.json").read_text())
         pipe.default_num_inference_steps = int(sampling["num_inference_steps"])
         pipe.default_guidance_scale = float(sampling["guidance_scale"])
+        # The adapter's strength is part of the model's tuned defaults, like IP-Adapter's own `scale`.
+        pipe.set_ip_adapter_scale(float(sampling.get("ip_adapter_scale", 1.0)))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
