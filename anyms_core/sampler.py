@@ -11,7 +11,7 @@ import contextlib
 import json
 import time
 from dataclasses import asdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,11 +63,14 @@ class AnyMS:
         num_images_per_prompt: int = 1,
         priority_rule: str = "order",
         progress: bool = False,
+        callback: Callable[[dict], None] | None = None,
     ) -> Run:
         """Generates one composition and returns a :class:`Run`.
 
         Arguments left as None take the pipeline's own defaults; the values actually used are in
         ``run.config``. ``seed`` seeds a CPU generator, so a seed gives the same image on any device.
+        ``callback``, if given, is called after every denoising step with a plain dict (k-diffusion
+        style): ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the step's x0 preview or None).
         """
         pipe = self.pipe
         subjects = validate_subjects(subjects)
@@ -79,6 +82,7 @@ class AnyMS:
             ).items() if value is not None
         }
         step_times: list[float] = []
+        start_time = [time.perf_counter()]
         preview_images: list[np.ndarray] = []
 
         with contextlib.ExitStack() as stack:
@@ -88,11 +92,12 @@ class AnyMS:
             ))
             stack.enter_context(_progress_bar(pipe, enabled=progress))
             handle = pipe.unet.register_forward_hook(
-                lambda module, args, kwargs, output: _on_unet_output(pipe, args, kwargs, output, step_times, preview_images if previews else None),
+                lambda module, args, kwargs, output: _on_unet_output(
+                    pipe, args, kwargs, output, step_times, preview_images if previews else None, callback, start_time),
                 with_kwargs=True,
             )
             stack.callback(handle.remove)
-            start = time.perf_counter()
+            start = start_time[0] = time.perf_counter()
             output = pipe(
                 prompt, ip_adapter_image=session.ip_adapter_image, num_images_per_prompt=num_images_per_prompt,
                 generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs,
@@ -134,15 +139,19 @@ def _progress_bar(pipe, enabled: bool):
         pipe._progress_bar_config = previous
 
 
-def _on_unet_output(pipe, args, kwargs, output, step_times: list[float], previews: list[np.ndarray] | None) -> None:
+def _on_unet_output(pipe, args, kwargs, output, step_times: list[float], previews: list[np.ndarray] | None,
+                    callback: Callable[[dict], None] | None, start_time: list[float]) -> None:
     step_times.append(time.perf_counter())
-    if previews is None:
-        return
-    sample = args[0] if args else kwargs["sample"]
-    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-    prediction = output[0] if isinstance(output, tuple) else output.sample
-    x0 = predicted_clean_sample(pipe, sample, timestep, prediction)
-    previews.append(_preview_rgb(pipe, x0))
+    preview = None
+    if previews is not None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        preview = _preview_rgb(pipe, predicted_clean_sample(pipe, sample, timestep, prediction))
+        previews.append(preview)
+    if callback is not None:
+        callback({"step": len(step_times) - 1, "num_steps": len(pipe.scheduler.timesteps),
+                  "elapsed": step_times[-1] - start_time[0], "preview": preview})
 
 
 def predicted_clean_sample(pipe, sample: torch.Tensor, timestep, prediction: torch.Tensor) -> torch.Tensor:

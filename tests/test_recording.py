@@ -154,3 +154,12 @@ def test_previews_and_timings(recorded_run):
     assert len(recorded_run.previews) == 3
     assert recorded_run.previews[0].dtype == np.uint8 and recorded_run.previews[0].shape[2] == 3
     assert len(recorded_run.timings["per_step"]) == 3 and recorded_run.timings["total"] > 0
+
+
+def test_step_callback_gets_plain_dicts(tiny_sdxl):
+    seen = []
+    run = AnyMS(tiny_sdxl).generate("a photo", subjects(), num_inference_steps=3, height=64, width=64, record=None,
+                                    callback=seen.append)
+    assert [s["step"] for s in seen] == [0, 1, 2] and all(s["num_steps"] == 3 for s in seen)
+    assert all(np.array_equal(s["preview"], p) for s, p in zip(seen, run.previews))
+    assert seen[-1]["elapsed"] >= seen[0]["elapsed"] > 0

@@ -195,17 +195,10 @@ class Explorer(widgets.VBox):
             self._show_status("Changed: press Generate (or tick re-generate on every change).")
 
     def _generate(self, variant: str, subjects: list[Subject]) -> Run:
-        unet = getattr(self.anyms.pipe, "unet", None)
-        # One UNet call per denoising step (the guidance batch is one call): that is the progress.
-        handle = unet.register_forward_hook(self._count_step) if unet is not None else None
-        try:
-            return self.anyms.generate(self.prompt.value, subjects, variant=variant, seed=self.seed.value,
-                                       record=self.record, **self.generate_kwargs)
-        finally:
-            if handle is not None:
-                handle.remove()
+        return self.anyms.generate(self.prompt.value, subjects, variant=variant, seed=self.seed.value,
+                                   record=self.record, callback=self._count_step, **self.generate_kwargs)
 
-    def _count_step(self, *_) -> None:
+    def _count_step(self, step: dict) -> None:
         self._steps_done += 1
         self.progress.value = min(self._steps_done, self.progress.max)
 
