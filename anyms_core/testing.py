@@ -39,26 +39,11 @@ def random_reference_image(seed: int, size: int = 40):
     return Image.fromarray((np.random.RandomState(seed).rand(size, size, 3) * 255).astype(np.uint8))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible map from bytes to printable unicode symbols."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer built in memory: the 256 byte symbols (and their word-final forms), no merges."""
-    symbols = list(_bytes_to_unicode().values())
-    vocab = {}
-    for symbol in symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]:
-        vocab.setdefault(symbol, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    """A CLIP tokenizer built in memory: the 512 byte-level symbols and no merges (one token per byte)."""
+    from .toy.pipeline import build_tokenizer
+
+    return build_tokenizer(words=(), max_length=77)
 
 
 def _text_config(projection_dim: int = TEXT_DIM) -> CLIPTextConfig:
