@@ -153,6 +153,8 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
 
             if state.variant == "joint":
                 # One softmax over all subjects' tokens: subjects compete for every query.
+                if len(set(scales)) > 1:
+                    raise ValueError("The `joint` variant mixes all subjects in one softmax: it takes one scale, not one per subject.")
                 joint = F.scaled_dot_product_attention(query, image_key, image_value)
                 joint = joint.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
                 hidden_states = hidden_states + scales[0] * joint

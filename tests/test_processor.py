@@ -121,3 +121,8 @@ def test_wrong_number_of_images_is_a_clear_error(layer):
     state.latent_size = (HEIGHT, WIDTH)
     with pytest.raises(ValueError, match="reference images for 3 subjects"):
         AnyMSAttnProcessor(stock, "layer", state)(attn, hidden, (text, [images[:, :2]]))
+
+
+def test_joint_rejects_per_subject_scales(layer):
+    with pytest.raises(ValueError, match="one scale"):
+        run(layer, "joint", 2, scales=[0.5, 1.0])
