@@ -167,7 +167,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                     contributions.append(_scaled(z_j, scales[j]))
                     hidden_states = hidden_states + contributions[-1]
                 if recorder is not None:
-                    recorder.observe_contributions(self.layer_name, state, contributions, num_queries)
+                    recorder.observe_contributions(self.layer_name, state, contributions)
             elif state.variant == "mask":
                 # Eq. 7: Z_image = sum_j (softmax(Q K_j^T / sqrt(d)) V_j) * M_j, each query attends to every subject.
                 layout = state.grid_layout(num_queries)
@@ -179,7 +179,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                     contributions.append(masked)
                     hidden_states = hidden_states + masked
                 if recorder is not None:
-                    recorder.observe_contributions(self.layer_name, state, contributions, num_queries)
+                    recorder.observe_contributions(self.layer_name, state, contributions)
             elif state.variant == "anyms":
                 # Eq. 5-6, crop-and-merge: only the queries inside B_j are computed for subject j, and the
                 # result is pasted back; painting from low to high priority leaves each overlap to its owner.

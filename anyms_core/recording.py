@@ -140,7 +140,7 @@ class AttentionRecorder:
         columns = [probs[:, indices].sum(-1) for indices in self.word_tokens.values()]
         self._add(layer, "text", torch.stack(columns, dim=-1), state)
 
-    def observe_contributions(self, layer: str, state: "DecoupledState", contributions: list[torch.Tensor], num_queries: int) -> None:
+    def observe_contributions(self, layer: str, state: "DecoupledState", contributions: list[torch.Tensor]) -> None:
         if "contribution" in self.kinds:
             b = state.record_batch_index
             norms = torch.stack([c[b].float().norm(dim=-1) for c in contributions], dim=-1)
