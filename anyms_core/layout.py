@@ -232,6 +232,26 @@ class GridLayout:
             self._device_cache[key] = self.masks.to(device=device, dtype=dtype)
         return self._device_cache[key]
 
+    def crop_and_merge_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index tensors for crop-and-merge, built once per grid and device.
+
+        ``crop``: [S, L] flat indices of the cells of each subject's box (row-major), padded to the largest
+        box by repeating its last cell (padded rows are computed but never read). ``merge``: [N] for each
+        cell, the row of its owner's crop in the concatenated crops (``j * L + position``), or ``S * L`` (a
+        zero row) outside all boxes.
+        """
+        key = ("crop_and_merge", device)
+        if key not in self._device_cache:
+            boxes = [torch.arange(self.height * self.width).view(self.height, self.width)[r0:r1, c0:c1].flatten()
+                     for r0, r1, c0, c1 in self.cells]
+            length = max(len(cells) for cells in boxes)
+            crop = torch.stack([torch.cat([cells, cells[-1:].expand(length - len(cells))]) for cells in boxes])
+            merge = torch.full((self.height * self.width,), len(boxes) * length, dtype=torch.long)
+            for subject in self.paint_order:  # later in the paint order overwrites: the owner's row wins
+                merge[boxes[subject]] = subject * length + torch.arange(len(boxes[subject]))
+            self._device_cache[key] = (crop.to(device), merge.to(device))
+        return self._device_cache[key]
+
     def owner_on(self, device: torch.device) -> torch.Tensor:
         key = ("owner", device)
         if key not in self._device_cache:

@@ -8,9 +8,9 @@ layer of the UNet (paper Sec. 3.3):
 where ``Z_text`` is the ordinary text cross-attention and ``Z_image`` depends on the variant:
 
 - ``anyms`` (crop-and-merge, Eq. 5-6): for each subject j, only the queries inside its box B_j are
-  cropped out, attend to subject j's image tokens, and are pasted back. Subjects are painted from
-  low to high priority, so the owner of an overlap is the last one written. Outside all boxes
-  ``Z_image`` is exactly zero.
+  cropped out (one gather for all boxes, padded to the largest box) and attend to subject j's image
+  tokens; the results are merged back so that each cell takes the row of the subject that owns it
+  (the higher priority where boxes overlap). Outside all boxes ``Z_image`` is exactly zero.
 - ``mask`` (Eq. 7, "w/o crop and merge"): every query attends to each subject separately, each
   output is multiplied by its hard box mask, and the results are summed (overlaps get the sum).
 - ``none`` ("w/o local decoupling"): each subject's own attention, summed everywhere.
@@ -181,19 +181,20 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 if recorder is not None:
                     recorder.observe_contributions(self.layer_name, state, contributions)
             elif state.variant == "anyms":
-                # Eq. 5-6, crop-and-merge: only the queries inside B_j are computed for subject j, and the
-                # result is pasted back; painting from low to high priority leaves each overlap to its owner.
+                # Eq. 5-6, crop-and-merge. Crop: the queries inside each box B_j (one gather for all boxes);
+                # each crop attends only to its own subject's tokens. Merge: every cell takes the row of the
+                # subject that owns it (priority resolved when the layout was built); zero outside all boxes.
                 layout = state.grid_layout(num_queries)
-                query_grid = query.view(batch_size, attn.heads, layout.height, layout.width, head_dim)
-                image_part = hidden_states.new_zeros(batch_size, layout.height, layout.width, attn.heads, head_dim)
-                for j in layout.paint_order:
-                    row0, row1, col0, col1 = layout.cells[j]
-                    cropped_query = query_grid[:, :, row0:row1, col0:col1].reshape(batch_size, attn.heads, -1, head_dim)
-                    z_j = F.scaled_dot_product_attention(cropped_query, subject_keys[j], subject_values[j])
-                    # pasted straight into the box through a view: [B, heads, rows*cols, d] -> [B, rows, cols, heads, d]
-                    z_j = z_j.permute(0, 2, 1, 3).unflatten(1, (row1 - row0, col1 - col0))
-                    image_part[:, row0:row1, col0:col1] = _scaled(z_j, scales[j])
-                image_part = image_part.view(batch_size, num_queries, -1)
+                crop_rows, merge_rows = layout.crop_and_merge_on(query.device)
+                cropped = query[:, :, crop_rows].flatten(1, 2)  # [B, heads * S, L, d]
+                keys = image_key.unflatten(2, (num_subjects, num_tokens)).flatten(1, 2)  # [B, heads * S, T, d]
+                values = image_value.unflatten(2, (num_subjects, num_tokens)).flatten(1, 2)
+                z = F.scaled_dot_product_attention(cropped, keys, values).unflatten(1, (attn.heads, num_subjects))
+                if any(s != 1.0 for s in scales):
+                    z = z * torch.tensor(scales, device=z.device, dtype=z.dtype)[:, None, None]
+                z = z.permute(0, 2, 3, 1, 4).reshape(batch_size, -1, attn.heads * head_dim)  # [B, S * L, C]
+                z = torch.cat([z, z.new_zeros(batch_size, 1, z.shape[-1])], dim=1)
+                image_part = z[:, merge_rows]  # [B, N, C]
                 hidden_states = hidden_states + image_part
                 if recorder is not None:
                     recorder.observe_owned_contributions(self.layer_name, state, layout, image_part)
