@@ -252,8 +252,10 @@ class GridLayout:
             self._device_cache[key] = (crop.to(device), merge.to(device))
         return self._device_cache[key]
 
-    def owner_on(self, device: torch.device) -> torch.Tensor:
-        key = ("owner", device)
+    def owner_one_hot_on(self, device: torch.device) -> torch.Tensor:
+        """[N, S] float: 1 where subject j owns the cell."""
+        key = ("owner_one_hot", device)
         if key not in self._device_cache:
-            self._device_cache[key] = self.owner.to(device)
+            subjects = torch.arange(self.masks.shape[0])
+            self._device_cache[key] = (self.owner[:, None] == subjects[None, :]).float().to(device)
         return self._device_cache[key]

@@ -128,30 +128,29 @@ class AttentionRecorder:
     # --- called by the processors ----------------------------------------------------------------
     def observe_affinity(self, layer: str, state: "DecoupledState", query: torch.Tensor, image_key: torch.Tensor, num_subjects: int) -> None:
         b = state.record_batch_index
-        q, k = query[b].float(), image_key[b].float()  # [heads, N, d], [heads, S*T, d]
-        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        per_subject = probs.view(probs.shape[0], probs.shape[1], num_subjects, -1).sum(-1)
+        q, k = query[b], image_key[b]  # [heads, N, d], [heads, S*T, d]
+        # softmax over the keys of each query, accumulated in float32 whatever the model's dtype
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
+        per_subject = probs.unflatten(-1, (num_subjects, -1)).sum(-1)  # [heads, N, S]
         self._add(layer, "affinity", per_subject.mean(0), state)
 
     def observe_text(self, layer: str, state: "DecoupledState", query: torch.Tensor, text_key: torch.Tensor) -> None:
         b = state.record_batch_index
-        q, k = query[b].float(), text_key[b].float()
-        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(0)  # [N, L]
+        q, k = query[b], text_key[b]
+        probs = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32).mean(0)  # [N, L]
         columns = [probs[:, indices].sum(-1) for indices in self.word_tokens.values()]
         self._add(layer, "text", torch.stack(columns, dim=-1), state)
 
     def observe_contributions(self, layer: str, state: "DecoupledState", contributions: list[torch.Tensor]) -> None:
         if "contribution" in self.kinds:
             b = state.record_batch_index
-            norms = torch.stack([c[b].float().norm(dim=-1) for c in contributions], dim=-1)
+            norms = torch.stack([torch.linalg.vector_norm(c[b], dim=-1, dtype=torch.float32) for c in contributions], dim=-1)
             self._add(layer, "contribution", norms, state)
 
     def observe_owned_contributions(self, layer: str, state: "DecoupledState", layout: "GridLayout", image_part: torch.Tensor) -> None:
         if "contribution" in self.kinds:
-            norms = image_part[state.record_batch_index].float().norm(dim=-1)  # [N]
-            owner = layout.owner_on(norms.device)
-            subjects = torch.arange(len(state.boxes), device=norms.device)
-            self._add(layer, "contribution", norms[:, None] * (owner[:, None] == subjects[None, :]), state)
+            norms = torch.linalg.vector_norm(image_part[state.record_batch_index], dim=-1, dtype=torch.float32)  # [N]
+            self._add(layer, "contribution", norms[:, None] * layout.owner_one_hot_on(norms.device), state)
 
     def observe_joint_contributions(self, layer: str, state: "DecoupledState", query: torch.Tensor,
                                     subject_keys: Sequence[torch.Tensor], subject_values: Sequence[torch.Tensor], scale: float) -> None:
@@ -169,29 +168,35 @@ class AttentionRecorder:
 
     # --- aggregation -----------------------------------------------------------------------------
     def _add(self, layer: str, kind: str, values: torch.Tensor, state: "DecoupledState") -> None:
-        """values: [N, items] for one layer; reshaped to [items, h, w] on the layer's grid."""
+        """values: [N, items] for one layer, on its grid; summed per key (as [N, items]) until the step ends."""
         layout = state.grid_layout(values.shape[0])
         grid = (layout.height, layout.width)
-        maps = values.transpose(0, 1).reshape(-1, *grid)
         policy = self.config.policy
         key = layer if policy == "layer" else f"{grid[0]}x{grid[1]}" if policy == "resolution" else "mean"
         self.maps.layer_grids.setdefault(layer, grid)
         pending = self._pending.get((kind, key))
         if pending is None:
-            self._pending[(kind, key)] = [maps.clone(), 1, grid]
+            self._pending[(kind, key)] = [values, 1, grid]
             return
         total, count, pending_grid = pending
         if grid != pending_grid:  # only under "mean": bring both to the larger grid
             if grid[0] * grid[1] > pending_grid[0] * pending_grid[1]:
-                total, pending_grid = _resize(total, grid), grid
+                total, pending_grid = _resize_rows(total, pending_grid, grid), grid
             else:
-                maps = _resize(maps, pending_grid)
-        self._pending[(kind, key)] = [total + maps, count + 1, pending_grid]
+                values = _resize_rows(values, grid, pending_grid)
+        self._pending[(kind, key)] = [total + values, count + 1, pending_grid]
 
     def _flush(self) -> None:
         for (kind, key), (total, count, grid) in self._pending.items():
-            self.maps._store(kind, self.step, key, grid, (total / count).to("cpu", torch.float16))
+            maps = (total / count).transpose(0, 1).reshape(-1, *grid)  # [items, h, w]
+            self.maps._store(kind, self.step, key, grid, maps.to("cpu", torch.float16))
         self._pending.clear()
+
+
+def _resize_rows(rows: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """[h*w, items] on ``grid`` -> [size_h*size_w, items], resized bilinearly."""
+    maps = rows.transpose(0, 1).reshape(-1, *grid)
+    return _resize(maps, size).flatten(1).transpose(0, 1)
 
 
 def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
