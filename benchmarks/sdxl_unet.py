@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--subjects", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
@@ -76,28 +77,33 @@ def main() -> None:
     from PIL import Image
 
     subjects = [Subject(Image.new("RGB", (8, 8)), box, name=f"s{i}") for i, box in enumerate(BOXES[: args.subjects])]
-    results = {}
-
-    def measure(name, context):
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        with context as session:
-            seconds = time_loop(unet, args.steps, args.subjects, args.device, dtype, args.size)
-        entry = {"seconds_per_image": round(seconds, 3)}
-        if args.device == "cuda":
-            entry["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if session is not None and session.attention is not None:
-            entry["recorded_mib"] = round(session.attention.nbytes / 2**20, 2)
-        results[name] = entry
-        print(name, entry, flush=True)
-
     import contextlib
+    import statistics
 
-    measure("stock (joint softmax, diffusers processor)", contextlib.nullcontext())
-    for variant in ("anyms", "mask", "none"):
-        measure(f"{variant}", decoupled(pipe, subjects, variant=variant))
-    measure("anyms + recording (affinity, contribution; per resolution)", decoupled(pipe, subjects, variant="anyms", record=True))
+    configs = {
+        "stock (joint softmax, diffusers processor)": lambda: contextlib.nullcontext(),
+        "anyms": lambda: decoupled(pipe, subjects, variant="anyms"),
+        "mask": lambda: decoupled(pipe, subjects, variant="mask"),
+        "none": lambda: decoupled(pipe, subjects, variant="none"),
+        "anyms + recording (affinity, contribution; per resolution)": lambda: decoupled(pipe, subjects, variant="anyms", record=True),
+    }
+    seconds = {name: [] for name in configs}
+    results = {name: {} for name in configs}
+    for _ in range(args.rounds):  # interleaved rounds: drift of the machine hits every configuration alike
+        for name, make_context in configs.items():
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            with make_context() as session:
+                seconds[name].append(time_loop(unet, args.steps, args.subjects, args.device, dtype, args.size))
+            if args.device == "cuda":
+                results[name]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if session is not None and session.attention is not None:
+                results[name]["recorded_mib"] = round(session.attention.nbytes / 2**20, 2)
+    for name, values in seconds.items():
+        results[name]["seconds_per_image"] = round(statistics.median(values), 3)
+        results[name]["all_rounds"] = [round(v, 3) for v in values]
+        print(name, results[name], flush=True)
     stock = results["stock (joint softmax, diffusers processor)"]["seconds_per_image"]
     for name, entry in results.items():
         entry["ratio_vs_stock"] = round(entry["seconds_per_image"] / stock, 3)
