@@ -190,7 +190,9 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 keys = image_key.unflatten(2, (num_subjects, num_tokens)).flatten(1, 2)  # [B, heads * S, T, d]
                 values = image_value.unflatten(2, (num_subjects, num_tokens)).flatten(1, 2)
                 z = F.scaled_dot_product_attention(cropped, keys, values).unflatten(1, (attn.heads, num_subjects))
-                if any(s != 1.0 for s in scales):
+                if len(set(scales)) == 1:
+                    z = _scaled(z, scales[0])  # the usual case: a Python scalar, no tensor built per call
+                else:
                     z = z * torch.tensor(scales, device=z.device, dtype=z.dtype)[:, None, None]
                 z = z.permute(0, 2, 3, 1, 4).reshape(batch_size, -1, attn.heads * head_dim)  # [B, S * L, C]
                 z = torch.cat([z, z.new_zeros(batch_size, 1, z.shape[-1])], dim=1)

@@ -127,3 +127,12 @@ def test_wrong_number_of_images_is_a_clear_error(layer):
 def test_joint_rejects_per_subject_scales(layer):
     with pytest.raises(ValueError, match="one scale"):
         run(layer, "joint", 2, scales=[0.5, 1.0])
+
+
+def test_anyms_per_subject_scales_match_mask_outside_overlaps(layer):
+    scales = [0.3, 1.0, 2.0]
+    coverage = GridLayout.build(BOXES, [0, 1, 2], HEIGHT, WIDTH).masks.sum(0).view(HEIGHT, WIDTH)
+    anyms = as_grid(run(layer, "anyms", scales=scales))
+    mask = as_grid(run(layer, "mask", scales=scales))
+    assert torch.equal(anyms[:, coverage == 1], mask[:, coverage == 1])
+    assert not torch.equal(anyms, as_grid(run(layer, "anyms")))
