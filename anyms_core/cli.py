@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=lambda args: _delegate("anyms_core.toy.evaluate", args.rest))
     for sub in (train, evaluate):
         sub.add_argument("rest", nargs=argparse.REMAINDER)
+    from . import scoring, sweep  # their own options: anyms_core/sweep.py, anyms_core/scoring/__init__.py
+
+    sweep.build_parser(commands.add_parser("sweep", help="generate every (case, variant, seed) of a spec into run folders")).set_defaults(handler=sweep.command)
+    scoring.build_parser(commands.add_parser("score", help="score a sweep folder: tables, 95%% CIs, Fig. 4-style plots")).set_defaults(handler=scoring.command)
     return parser
 
 

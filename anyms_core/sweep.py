@@ -478,7 +478,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return command(build_parser().parse_args(argv))
+
+
+def command(args: argparse.Namespace) -> int:
+    """Runs the parsed ``sweep`` command; returns the exit status (2 on a bad spec)."""
     try:
         spec = load_spec(args.spec)
     except SpecError as error:

@@ -190,9 +190,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return command(build_parser().parse_args(argv))
+
+
+def command(args: argparse.Namespace) -> int:
+    """Runs the parsed ``score`` command; returns the exit status (2 with a one-line error)."""
     from .paper import DEFAULT_MODELS, ModelNotAvailable
 
-    args = build_parser().parse_args(argv)
     models = {kind: getattr(args, kind) for kind in DEFAULT_MODELS}
     try:
         scores = score_sweep(args.directory, args.metrics, models=models, device=args.device, progress=not args.no_progress)
