@@ -14,8 +14,8 @@ from PIL import Image
 from anyms_core.run import Run
 from anyms_core.scoring import Scores, score_sweep
 from anyms_core.scoring.detection import Detection, GroundingDinoDetector, average_precision, best_detection, box_iou
-from anyms_core.scoring.identity import ClipEmbedder, DinoEmbedder, SamSegmenter, cosine, cut_out, pixel_box
-from anyms_core.scoring.paper import ModelNotAvailable, PaperBackend, load_model
+from anyms_core.scoring.identity import ClipEmbedder, DinoEmbedder, DreamSimScorer, SamSegmenter, cosine, cut_out, pixel_box
+from anyms_core.scoring.paper import ModelNotAvailable, PaperBackend, load_dreamsim, load_model
 from anyms_core.scoring.plot import plot_metric_vs_subjects
 from anyms_core.scoring.stats import ALL, bootstrap_ci, markdown_table, summarize
 
@@ -168,6 +168,37 @@ def test_self_similarity_beats_shuffled_pairs(tiny):
         other = cosine(embedder.images(images), embedder.images(shuffled))
         assert own == pytest.approx([1.0] * 4, abs=1e-5)
         assert all(o > s for o, s in zip(own, other))
+
+
+def _stand_in_dreamsim() -> DreamSimScorer:
+    """The dreamsim package's interface: preprocess(PIL) -> [1, 3, H, W]; model(a, b) -> distance (1 - cosine)."""
+    def preprocess(image):
+        return torch.from_numpy(np.asarray(image.convert("RGB").resize((16, 16)), dtype=np.float32)).permute(2, 0, 1)[None] / 255
+
+    def model(a, b):
+        return 1 - torch.nn.functional.cosine_similarity(a.flatten(1) - 0.5, b.flatten(1) - 0.5)
+
+    return DreamSimScorer(model, preprocess)
+
+
+def test_dreamsim_is_one_minus_the_distance_and_opt_in(monkeypatch, tmp_path):
+    reference = _pattern(1)
+    canvas = _pattern(2, 32)
+    canvas.paste(reference, (8, 8))
+    row = {"run_id": "r", "prompt": "p", "classes": ["cat"], "boxes": [[0.25, 0.25, 0.75, 0.75]]}
+    backend = PaperBackend(("dreamsim",), detector=StandIn({"cat": [([0.25, 0.25, 0.75, 0.75], 0.9)]}), dreamsim=_stand_in_dreamsim())
+    assert backend.score_image(row, canvas, [reference])[0]["dreamsim"] == pytest.approx(1.0, abs=1e-5)
+    images = [_pattern(seed) for seed in range(3)]
+    own, other = (backend.dreamsim.similarity(images, pair) for pair in (images, images[1:] + images[:1]))
+    assert all(o > s for o, s in zip(own, other))
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelNotAvailable, match="pip install dreamsim"):
+        load_dreamsim(str(tmp_path))
+    from anyms_core.scoring import expand_metrics
+
+    assert "dreamsim" not in expand_metrics(["paper"])[1] and "dreamsim" in expand_metrics(["dreamsim"])[1]
 
 
 def test_clip_t_is_the_cosine_of_the_models_own_embeddings(tiny):

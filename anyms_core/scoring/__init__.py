@@ -27,8 +27,8 @@ from .identity import ClipEmbedder, DinoEmbedder, SamSegmenter, cut_out
 from .plot import plot_metric_vs_subjects
 from .stats import bootstrap_ci, markdown_table, summarize
 
-PAPER_METRICS = ("miou", "ap50", "clip_i", "dino", "clip_t")
-METRIC_CHOICES = ("toy", "paper") + PAPER_METRICS
+PAPER_METRICS = ("miou", "ap50", "clip_i", "dino", "clip_t")  # "paper": these five; DreamSim is opt-in
+METRIC_CHOICES = ("toy", "paper") + PAPER_METRICS + ("dreamsim",)
 ROW_KEYS = ("run_id", "case", "variant", "seed", "n_subjects")
 # which backend's records a set metric is computed from
 SET_METRIC_BACKENDS = {"toy_ap50": "toy", "ap50": "paper"}
@@ -119,11 +119,11 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def expand_metrics(metrics: Sequence[str]) -> tuple[bool, tuple[str, ...]]:
-    """-> (toy backend wanted, the paper's metrics wanted); ``paper`` means all five."""
+    """-> (toy backend wanted, the paper's metrics wanted); ``paper`` means all five but DreamSim."""
     unknown = sorted(set(metrics) - set(METRIC_CHOICES))
     if unknown or not metrics:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_CHOICES)}")
-    paper = PAPER_METRICS if "paper" in metrics else tuple(m for m in PAPER_METRICS if m in metrics)
+    paper = tuple(m for m in PAPER_METRICS + ("dreamsim",) if m in metrics or ("paper" in metrics and m in PAPER_METRICS))
     return "toy" in metrics, paper
 
 
@@ -177,14 +177,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="anyms score", description="Score a sweep folder (see anyms sweep).")
     parser.add_argument("directory", help="a sweep output folder (with index.jsonl)")
     parser.add_argument("--metrics", nargs="+", default=["toy"], choices=METRIC_CHOICES,
-                        help="toy (the toy world's pixel metrics) and/or the paper's: miou ap50 clip_i dino clip_t (paper = all)")
+                        help="toy (the toy world's pixel metrics) and/or the paper's: miou ap50 clip_i dino clip_t "
+                             "(paper = these five) and dreamsim (needs pip install dreamsim)")
     parser.add_argument("--out", default=None, help="where to write the tables and plots (default: DIR/scores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    from .paper import DEFAULT_MODELS
+    from .paper import DEFAULT_MODELS, DREAMSIM_CACHE
 
     for kind, default in DEFAULT_MODELS.items():
         parser.add_argument(f"--{kind}", default=default, help=f"hub id (in the local cache) or folder (default: {default})")
+    parser.add_argument("--dreamsim-cache", default=DREAMSIM_CACHE, help="folder with the dreamsim package's weights")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -197,7 +199,7 @@ def command(args: argparse.Namespace) -> int:
     """Runs the parsed ``score`` command; returns the exit status (2 with a one-line error)."""
     from .paper import DEFAULT_MODELS, ModelNotAvailable
 
-    models = {kind: getattr(args, kind) for kind in DEFAULT_MODELS}
+    models = {kind: getattr(args, kind) for kind in DEFAULT_MODELS} | {"dreamsim": args.dreamsim_cache}
     try:
         scores = score_sweep(args.directory, args.metrics, models=models, device=args.device, progress=not args.no_progress)
     except (ModelNotAvailable, FileNotFoundError, ValueError) as error:

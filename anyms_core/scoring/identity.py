@@ -98,6 +98,27 @@ class DinoEmbedder:
         return torch.nn.functional.normalize(cls.float(), dim=-1)
 
 
+class DreamSimScorer:
+    """DreamSim (the ``dreamsim`` package, Fu et al. 2023): similarity = 1 - DreamSim distance.
+
+    ``model(a, b)`` is the package's perceptual distance of two preprocessed [1, 3, H, W] images and
+    ``preprocess(image)`` its PIL-to-tensor transform, as ``dreamsim.dreamsim(...)`` returns them.
+    """
+
+    def __init__(self, model, preprocess, device: str | torch.device = "cpu"):
+        self.model = model
+        self.preprocess = preprocess
+        self.device = device
+
+    @torch.no_grad()
+    def similarity(self, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> list[float]:
+        out = []
+        for image, reference in zip(images, references, strict=True):
+            distance = self.model(self.preprocess(image).to(self.device), self.preprocess(reference).to(self.device))
+            out.append(1.0 - float(torch.as_tensor(distance).flatten()[0]))
+        return out
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """Row-wise cosine of two [N, D] batches of L2-normalized embeddings."""
     return (a * b).sum(-1).clamp(-1, 1).tolist()

@@ -1,8 +1,9 @@
-"""The paper's metrics (Sec. 4.1) as a scoring backend: mIoU, AP50, CLIP-I, DINO, CLIP-T.
+"""The paper's metrics (Sec. 4.1) as a scoring backend: mIoU, AP50, CLIP-I, DINO, CLIP-T (+ DreamSim).
 
 Models come from hub ids already in the local cache, or local folders; nothing is downloaded. The
 defaults are common choices (the paper does not name its checkpoints); pass others with
-``anyms score --detector/--segmenter/--clip/--dino``.
+``anyms score --detector/--segmenter/--clip/--dino``. DreamSim is opt-in (``--metrics dreamsim``): it
+needs the ``dreamsim`` package (pip install dreamsim) and its weights in ``--dreamsim-cache``.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from dataclasses import dataclass
 from PIL import Image
 
 from .detection import Detection, GroundingDinoDetector, average_precision, best_detection
-from .identity import ClipEmbedder, DinoEmbedder, SamSegmenter, cosine, cut_out
+from .identity import ClipEmbedder, DinoEmbedder, DreamSimScorer, SamSegmenter, cosine, cut_out
 
 NAME = "paper"
-IMAGE_METRICS = ("miou", "clip_i", "dino", "clip_t")
+IMAGE_METRICS = ("miou", "clip_i", "dino", "dreamsim", "clip_t")
 SET_METRICS = ("ap50",)
-ALL_METRICS = ("miou", "ap50", "clip_i", "dino", "clip_t")
+ALL_METRICS = ("miou", "ap50", "clip_i", "dino", "dreamsim", "clip_t")
 DEFAULT_MODELS = {
     "detector": "IDEA-Research/grounding-dino-base",
     "segmenter": "facebook/sam-vit-base",
     "clip": "openai/clip-vit-large-patch14",
     "dino": "facebook/dino-vits16",
 }
+DREAMSIM_CACHE = "~/.cache/dreamsim"  # where the dreamsim package keeps its weights (not a hub repo)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -31,7 +33,12 @@ class ModelNotAvailable(RuntimeError):
 
 
 def load_model(kind: str, source: str, device: str = "cpu"):
-    """Loads one scoring model (``detector``, ``segmenter``, ``clip`` or ``dino``) from the cache or a folder."""
+    """Loads one scoring model (``detector``, ``segmenter``, ``clip``, ``dino`` or ``dreamsim``) from the cache or a folder.
+
+    For ``dreamsim``, ``source`` is the folder holding the dreamsim package's weights.
+    """
+    if kind == "dreamsim":
+        return load_dreamsim(source, device)
     import transformers
 
     classes = {
@@ -55,12 +62,32 @@ def load_model(kind: str, source: str, device: str = "cpu"):
     return wrapper(model.to(device), processor)
 
 
+def load_dreamsim(cache_dir: str = DREAMSIM_CACHE, device: str = "cpu") -> DreamSimScorer:
+    """DreamSim from the ``dreamsim`` package, with weights already in ``cache_dir`` (never downloaded here)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("dreamsim") is None:
+        raise ModelNotAvailable("the dreamsim metric needs the dreamsim package: pip install dreamsim")
+    folder = os.path.expanduser(cache_dir)
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise ModelNotAvailable(
+            f"DreamSim's weights are not in {folder!r}; anyms score never downloads weights. Fetch them once with "
+            f"`python -c \"from dreamsim import dreamsim; dreamsim(pretrained=True, device='cpu', cache_dir='{folder}')\"` "
+            "or pass the folder that holds them with --dreamsim-cache PATH")
+    from dreamsim import dreamsim
+
+    model, preprocess = dreamsim(pretrained=True, device=device, cache_dir=folder)
+    return DreamSimScorer(model, preprocess, device)
+
+
 @dataclass
 class PaperBackend:
     """Scores runs with the paper's metrics; any model left None is not needed by ``metrics``.
 
     ``detector`` answers ``detect(image, query)``; ``segmenter`` ``mask(image, box)``; ``clip``
-    ``images(...)`` and ``texts(...)``; ``dino`` ``images(...)``. A subject's crop is the detection of
+    ``images(...)`` and ``texts(...)``; ``dino`` ``images(...)``; ``dreamsim``
+    ``similarity(images, references)``. A subject's crop is the detection of
     its class that overlaps its box most, else that class's best-scored detection, else its box
     (``crop_from`` says which), refined by the segmenter's mask when there is one.
     """
@@ -70,6 +97,7 @@ class PaperBackend:
     segmenter: object | None = None
     clip: object | None = None
     dino: object | None = None
+    dreamsim: object | None = None
     name: str = NAME
 
     def __post_init__(self) -> None:
@@ -77,7 +105,8 @@ class PaperBackend:
         unknown = sorted(set(self.metrics) - set(ALL_METRICS))
         if unknown:
             raise ValueError(f"unknown paper metric(s) {unknown}; choose from {list(ALL_METRICS)}")
-        needs = {"detector": {"miou", "ap50", "clip_i", "dino"}, "clip": {"clip_i", "clip_t"}, "dino": {"dino"}}
+        needs = {"detector": {"miou", "ap50", "clip_i", "dino", "dreamsim"}, "clip": {"clip_i", "clip_t"}, "dino": {"dino"},
+                 "dreamsim": {"dreamsim"}}
         for model, metrics in needs.items():
             if getattr(self, model) is None and metrics & set(self.metrics):
                 raise ValueError(f"metric(s) {sorted(metrics & set(self.metrics))} need a {model} model")
@@ -88,10 +117,11 @@ class PaperBackend:
     def from_pretrained(cls, metrics: tuple[str, ...] = ALL_METRICS, models: dict | None = None, device: str = "cpu",
                         segment: bool = True) -> "PaperBackend":
         """Loads the models ``metrics`` need (``models`` overrides :data:`DEFAULT_MODELS` per kind)."""
-        sources = {**DEFAULT_MODELS, **(models or {})}
+        sources = {**DEFAULT_MODELS, "dreamsim": DREAMSIM_CACHE, **(models or {})}
         metrics = tuple(metrics)
-        wanted = {"detector": {"miou", "ap50", "clip_i", "dino"}, "segmenter": {"clip_i", "dino"} if segment else set(),
-                  "clip": {"clip_i", "clip_t"}, "dino": {"dino"}}
+        wanted = {"detector": {"miou", "ap50", "clip_i", "dino", "dreamsim"},
+                  "segmenter": {"clip_i", "dino", "dreamsim"} if segment else set(),
+                  "clip": {"clip_i", "clip_t"}, "dino": {"dino"}, "dreamsim": {"dreamsim"}}
         loaded = {kind: load_model(kind, sources[kind], device) if kinds & set(metrics) else None
                   for kind, kinds in wanted.items()}
         return cls(metrics, **loaded)
@@ -126,8 +156,11 @@ class PaperBackend:
         if "dino" in self.metrics:
             for subject, value in zip(subjects, cosine(self.dino.images(crops), self.dino.images(references))):
                 subject["dino"] = value
+        if "dreamsim" in self.metrics:
+            for subject, value in zip(subjects, self.dreamsim.similarity(crops, references)):
+                subject["dreamsim"] = value
         per_image = {}
-        for metric, key in (("miou", "iou"), ("clip_i", "clip_i"), ("dino", "dino")):
+        for metric, key in (("miou", "iou"), ("clip_i", "clip_i"), ("dino", "dino"), ("dreamsim", "dreamsim")):
             if metric in self.metrics:
                 per_image[metric] = sum(s[key] for s in subjects) / len(subjects)
         if "clip_t" in self.metrics:
