@@ -389,14 +389,13 @@ def merge_index(spec: SweepSpec, out: Path) -> list[dict]:
                 if line.strip():
                     row = json.loads(line)
                     known[row["run_id"]] = row
-    rows, order = [], []
-    for case in json.loads((out / SPEC_COPY_NAME).read_text())["cases"] if (out / SPEC_COPY_NAME).exists() else spec.cases:
-        order.append(case["name"])
     for item in spec.items():
         if item.run_id not in known and is_finished(out, item):
             run_json = json.loads((out / "runs" / item.run_id / "run.json").read_text())
             known[item.run_id] = index_row(spec, item, run_json=run_json)
-    rank = {name: i for i, name in enumerate(order)}
+    # cases in the order of DIR/sweep.json: the union of every spec swept into this folder
+    cases = json.loads((out / SPEC_COPY_NAME).read_text())["cases"] if (out / SPEC_COPY_NAME).exists() else spec.cases
+    rank = {case["name"]: i for i, case in enumerate(cases)}
     rows = [row for row in known.values() if (out / row["path"] / "run.json").is_file()]
     rows.sort(key=lambda r: (rank.get(r["case"], len(rank)), r["case"], r["variant"], r["seed"]))
     _atomic_write_text(out / INDEX_NAME, "".join(json.dumps(row) + "\n" for row in rows))
@@ -421,9 +420,10 @@ def run_sweep(spec: SweepSpec | str | Path | dict, out: str | Path, device: str 
 
     # On a machine without CUDA, accelerate only forms a (gloo) process group when asked for the CPU.
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    check_output_folder(spec, out)  # on every process: a wrong --out stops them all (none waits for the others)
+    state.wait_for_everyone()
     if state.is_main_process:
         (out / "runs").mkdir(parents=True, exist_ok=True)
-        check_output_folder(spec, out)
         write_spec_copy(spec, out)
     state.wait_for_everyone()  # everyone sees the same finished set before anyone writes
     pending = [item for item in spec.items() if not is_finished(out, item)]

@@ -137,11 +137,15 @@ def test_resume_skips_finished_runs_and_may_extend_but_not_change_the_sweep(one_
         assert (Run.load(out / "runs" / run_id).image.tobytes() == Run.load(one_process / "runs" / run_id).image.tobytes())
     generated.clear()
     assert len(run_sweep(TINY, out, device="cpu", progress=False)) == 4 and generated == []
+    # extending: a new seed for one variant generates only that run; the index keeps the earlier runs
+    extended = run_sweep({**TINY, "variants": ["anyms"], "seeds": [0, 1, 2]}, out, device="cpu", progress=False)
+    assert generated == ["pair__anyms__s2"] and len(extended) == 5
+    assert json.loads((out / "sweep.json").read_text())["seeds"] == [0, 1, 2]
     with pytest.raises(SpecError, match="another generation"):
         run_sweep({**TINY, "generation": {"steps": 3}}, out, device="cpu", progress=False)
     # a lost index row (crash between the rename and the row's write) is rebuilt from the run folder
     (out / "index.jsonl").write_text("")
-    assert [row["run_id"] for row in merge_index(load_spec(TINY), out)] == RUN_IDS
+    assert [row["run_id"] for row in merge_index(load_spec(TINY), out)] == RUN_IDS  # (rebuilt for this spec's runs)
 
 
 def test_two_processes_give_the_same_runs_as_one(one_process, tmp_path):
