@@ -105,8 +105,13 @@ def _write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+TEXT_COLUMNS = {"run_id", "case", "variant", "name", "class"}
+
+
 def _read_csv(path: Path) -> list[dict]:
-    def parse(value: str):
+    def parse(key: str, value: str):
+        if key in TEXT_COLUMNS:
+            return value
         if value == "":
             return None
         try:
@@ -115,7 +120,7 @@ def _read_csv(path: Path) -> list[dict]:
             return value  # a plain string (run ids, variants, names)
 
     with open(path, newline="") as handle:
-        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def expand_metrics(metrics: Sequence[str]) -> tuple[bool, tuple[str, ...]]:

@@ -13,6 +13,7 @@ transformers' zero-shot object detection; tests use stand-ins that return known 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
@@ -111,9 +112,12 @@ class GroundingDinoDetector:
         device = next(self.model.parameters()).device
         inputs = self.processor(images=image, text=text, return_tensors="pt").to(device)
         outputs = self.model(**inputs)
-        result = self.processor.post_process_grounded_object_detection(
-            outputs, inputs["input_ids"], threshold=self.box_threshold, text_threshold=self.text_threshold,
-            target_sizes=[(1, 1)],  # boxes come back normalized
+        post_process = self.processor.post_process_grounded_object_detection
+        # transformers < 4.51 calls the box threshold `box_threshold`, later versions `threshold`
+        name = "threshold" if "threshold" in inspect.signature(post_process).parameters else "box_threshold"
+        result = post_process(
+            outputs, inputs["input_ids"], text_threshold=self.text_threshold, target_sizes=[(1, 1)],  # normalized boxes
+            **{name: self.box_threshold},
         )[0]
         boxes = result["boxes"].clamp(0, 1).tolist()
         return [Detection(query, [round(v, 5) for v in box], float(score))
