@@ -32,6 +32,7 @@ Every run is seeded by its own seed on a CPU generator, so 1 or N processes give
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -277,7 +278,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@functools.lru_cache(maxsize=256)
 def _toy_reference(image: str):
+    """The toy-world reference of ``toy:<colour> <shape>`` (rendered once per sprite: a sweep reuses them)."""
     from .toy import sprite_reference
 
     return sprite_reference(image.removeprefix("toy:").strip())
