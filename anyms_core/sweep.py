@@ -396,11 +396,13 @@ def merge_index(spec: SweepSpec, out: Path) -> list[dict]:
         if item.run_id not in known and is_finished(out, item):
             run_json = json.loads((out / "runs" / item.run_id / "run.json").read_text())
             known[item.run_id] = index_row(spec, item, run_json=run_json)
-    # cases in the order of DIR/sweep.json: the union of every spec swept into this folder
-    cases = json.loads((out / SPEC_COPY_NAME).read_text())["cases"] if (out / SPEC_COPY_NAME).exists() else spec.cases
-    rank = {case["name"]: i for i, case in enumerate(cases)}
+    # in the order of DIR/sweep.json (the union of every spec swept into this folder): case, variant, seed
+    swept = json.loads((out / SPEC_COPY_NAME).read_text()) if (out / SPEC_COPY_NAME).exists() else spec.to_json()
+    case_rank = {case["name"]: i for i, case in enumerate(swept["cases"])}
+    variant_rank = {variant: i for i, variant in enumerate(swept["variants"])}
     rows = [row for row in known.values() if (out / row["path"] / "run.json").is_file()]
-    rows.sort(key=lambda r: (rank.get(r["case"], len(rank)), r["case"], r["variant"], r["seed"]))
+    rows.sort(key=lambda r: (case_rank.get(r["case"], len(case_rank)), r["case"],
+                             variant_rank.get(r["variant"], len(variant_rank)), r["variant"], r["seed"]))
     _atomic_write_text(out / INDEX_NAME, "".join(json.dumps(row) + "\n" for row in rows))
     for path in parts:
         path.unlink()

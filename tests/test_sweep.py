@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "model": "toy",
-    "variants": ["anyms", "none"],
+    "variants": ["none", "anyms"],  # not alphabetical: the index keeps the spec's order
     "seeds": [0, 1],
     "generation": {"steps": 2},
     "cases": [{"name": "pair", "prompt": "a photo on grass", "subjects": [
@@ -29,7 +29,7 @@ TINY = {
         {"image": "toy:cyan square", "box": [0.55, 0.4, 0.95, 0.9], "class": "square"},
     ]}],
 }
-RUN_IDS = ["pair__anyms__s0", "pair__anyms__s1", "pair__none__s0", "pair__none__s1"]
+RUN_IDS = ["pair__none__s0", "pair__none__s1", "pair__anyms__s0", "pair__anyms__s1"]
 
 
 def _write(path: Path, spec: dict) -> Path:
@@ -107,14 +107,14 @@ def one_process(tmp_path_factory) -> Path:
 
 def test_sweep_writes_one_run_per_case_variant_seed_and_an_index(one_process):
     rows = read_index(one_process)
-    assert sorted(p.name for p in (one_process / "runs").iterdir()) == RUN_IDS
+    assert sorted(p.name for p in (one_process / "runs").iterdir()) == sorted(RUN_IDS)
     assert not list(one_process.glob("index.part*")) and not list((one_process / "runs").glob(".tmp-*"))
     for row in rows:
         run = Run.load(one_process / row["path"])
         assert (run.variant, run.config["seed"], run.config["steps"]) == (row["variant"], row["seed"], 2)
         assert run.boxes == row["boxes"] and row["classes"] == ["red circle", "square"] and row["n_subjects"] == 2
         assert run.attention is None and run.previews == []  # sweeps record nothing unless the spec asks
-    assert json.loads((one_process / "sweep.json").read_text())["variants"] == ["anyms", "none"]
+    assert json.loads((one_process / "sweep.json").read_text())["variants"] == ["none", "anyms"]
     images = {row["run_id"]: Run.load(one_process / row["path"]).image.tobytes() for row in rows}
     assert images["pair__anyms__s0"] != images["pair__anyms__s1"] != images["pair__none__s1"]
 
