@@ -351,3 +351,25 @@ def test_score_command_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path), "--metrics", "toy", "--no-progress"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # (importing the toy world may warn first)
     assert error.startswith("anyms score: error:") and "index.jsonl" in error
+
+
+def test_score_command_loads_every_paper_model_from_local_folders(tmp_path, tiny, monkeypatch, capsys):
+    """`anyms score DIR --metrics paper --detector PATH ...`: the real loading code, on tiny saved models."""
+    from anyms_core.scoring import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for kind, key in (("detector", "gdino"), ("segmenter", "sam"), ("clip", "clip"), ("dino", "dino")):
+        model, processor = tiny[key]
+        model.save_pretrained(tmp_path / kind)
+        processor.save_pretrained(tmp_path / kind)
+    sweep = tmp_path / "sweep"
+    _fake_sweep(sweep, {"c__anyms__s0": _pattern(8, 32), "c__none__s0": _pattern(9, 32)}, [("red circle", [0.1, 0.1, 0.6, 0.6])],
+                "a red circle")
+    argv = [str(sweep), "--metrics", "paper", "--no-progress", "--bootstrap", "20"]
+    argv += [arg for kind in ("detector", "segmenter", "clip", "dino") for arg in (f"--{kind}", str(tmp_path / kind))]
+    assert main(argv) == 0
+    scores = Scores.load(sweep / "scores")
+    assert scores.metrics == ["miou", "clip_i", "dino", "clip_t", "ap50"]
+    for row in scores.per_image:
+        assert 0 <= row["miou"] <= 1 and all(-1 <= row[m] <= 1 for m in ("clip_i", "dino", "clip_t"))
+    assert (sweep / "scores" / "fig4_clip_i.png").exists() and "| anyms | 1 | 1 |" in (sweep / "scores" / "summary.md").read_text()
