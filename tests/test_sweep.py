@@ -148,6 +148,7 @@ def test_resume_skips_finished_runs_and_may_extend_but_not_change_the_sweep(one_
     assert [row["run_id"] for row in merge_index(load_spec(TINY), out)] == RUN_IDS  # (rebuilt for this spec's runs)
 
 
+@pytest.mark.slow  # two fresh processes load torch, diffusers and the toy world: ~25 s on 2 shared cores
 def test_two_processes_give_the_same_runs_as_one(one_process, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m anyms_core.sweep` on the CPU (gloo)."""
     spec = _write(tmp_path / "tiny.json", TINY)
