@@ -16,7 +16,7 @@ from anyms_core.scoring import Scores, score_sweep
 from anyms_core.scoring.detection import Detection, GroundingDinoDetector, average_precision, best_detection, box_iou
 from anyms_core.scoring.identity import ClipEmbedder, DinoEmbedder, DreamSimScorer, SamSegmenter, cosine, cut_out, pixel_box
 from anyms_core.scoring.paper import ModelNotAvailable, PaperBackend, load_dreamsim, load_model
-from anyms_core.scoring.plot import plot_metric_vs_subjects
+from anyms_core.scoring.plot import plot_metric_pair, plot_metric_vs_subjects
 from anyms_core.scoring.stats import ALL, bootstrap_ci, markdown_table, summarize
 
 torch.set_num_threads(1)
@@ -290,6 +290,16 @@ def test_summary_groups_by_variant_and_subject_count_and_table_and_plot(monkeypa
     assert plot_metric_vs_subjects(summary, "m", ax=ax) is fig
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "3", "all"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["anyms", "none"]
+    plt.close(fig)
+    for row in summary:
+        row.update(k=1 - row["m"], k_low=1 - row["m_high"], k_high=1 - row["m_low"])
+    fig, ax = plt.subplots()
+    assert plot_metric_pair(summary, "m", "k", ax=ax) is fig
+    points = sorted((round(line.get_xdata()[0], 6), round(line.get_ydata()[0], 6), line.get_marker())
+                    for line in ax.get_lines() if line.get_marker() in ("o", "s", "D"))  # not the error bars' caps
+    expected = sorted((round(r["m"], 6), round(1 - r["m"], 6), {2: "o", 3: "s", ALL: "D"}[r["n_subjects"]]) for r in summary)
+    assert points == expected  # one point per variant x subject count, rhombus for "all"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["anyms", "none", "2 subjects", "3 subjects", "all"]
     plt.close(fig)
 
 

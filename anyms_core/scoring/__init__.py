@@ -24,7 +24,7 @@ from typing import Sequence
 
 from .detection import Detection, GroundingDinoDetector, average_precision, box_iou
 from .identity import ClipEmbedder, DinoEmbedder, SamSegmenter, cut_out
-from .plot import plot_metric_vs_subjects
+from .plot import plot_metric_pair, plot_metric_vs_subjects
 from .stats import bootstrap_ci, markdown_table, summarize
 
 PAPER_METRICS = ("miou", "ap50", "clip_i", "dino", "clip_t")  # "paper": these five; DreamSim is opt-in
@@ -219,5 +219,5 @@ def command(args: argparse.Namespace) -> int:
 
 __all__ = [
     "Detection", "GroundingDinoDetector", "SamSegmenter", "ClipEmbedder", "DinoEmbedder", "Scores", "average_precision",
-    "box_iou", "bootstrap_ci", "cut_out", "markdown_table", "plot_metric_vs_subjects", "score_sweep", "summarize", "main",
+    "box_iou", "bootstrap_ci", "cut_out", "markdown_table", "plot_metric_pair", "plot_metric_vs_subjects", "score_sweep", "summarize", "main",
 ]
