@@ -17,7 +17,7 @@ from anyms_core.scoring.detection import Detection, GroundingDinoDetector, avera
 from anyms_core.scoring.identity import ClipEmbedder, DinoEmbedder, DreamSimScorer, SamSegmenter, cosine, cut_out, pixel_box
 from anyms_core.scoring.paper import ModelNotAvailable, PaperBackend, load_dreamsim, load_model
 from anyms_core.scoring.plot import plot_metric_pair, plot_metric_vs_subjects
-from anyms_core.scoring.stats import ALL, bootstrap_ci, markdown_table, summarize
+from anyms_core.scoring.stats import ALL, bootstrap_ci, markdown_table, set_ci, summarize
 
 torch.set_num_threads(1)
 
@@ -273,6 +273,15 @@ def test_bootstrap_ci_brackets_the_mean_and_is_deterministic():
     assert low < mean < high and mean == pytest.approx(np.mean(values))
     assert bootstrap_ci(values) == (mean, low, high)
     assert bootstrap_ci([1.0, float("nan"), 3.0])[0] == 2.0
+    # resampling whole units: two cases whose images agree within a case but not across cases
+    values, cases = [0.0] * 10 + [1.0] * 10, ["a"] * 10 + ["b"] * 10
+    by_image, by_case = bootstrap_ci(values), bootstrap_ci(values, units=cases)
+    assert by_image[0] == by_case[0] == 0.5
+    assert by_case[2] - by_case[1] > 2 * (by_image[2] - by_image[1])  # 2 cases: the honest interval is ~[0, 1]
+    assert bootstrap_ci(values, units=["a"] * 20) == (0.5, 0.5, 0.5)  # one unit: nothing to resample
+    mean_of = lambda records: float(np.mean(records))
+    assert set_ci(values, mean_of, units=cases) == (0.5, 0.0, 1.0)  # a quarter of the resamples hold one case only
+    assert 0.25 < set_ci(values, mean_of)[1] < 0.5 < set_ci(values, mean_of)[2] < 0.75
 
 
 def test_summary_groups_by_variant_and_subject_count_and_table_and_plot(monkeypatch):
@@ -283,6 +292,8 @@ def test_summary_groups_by_variant_and_subject_count_and_table_and_plot(monkeypa
     assert keys == [("anyms", 2, 5), ("anyms", 3, 5), ("anyms", ALL, 10), ("none", 2, 5), ("none", 3, 5), ("none", ALL, 10)]
     assert summary[0]["m"] == pytest.approx(0.82) and summary[2]["m"] == pytest.approx(0.77)
     assert summarize(_rows(), ["m"], min_subjects=3)[0]["n_subjects"] == 3
+    by_case = summarize([dict(r, case=r["run_id"][:-1]) for r in _rows()], ["m"], bootstrap=200, ci_unit="case")
+    assert by_case[0]["m_low"] == by_case[0]["m_high"] == by_case[0]["m"]  # one case per group: no spread to resample
     table = markdown_table(summary, ["m"], n_subjects=ALL, scale=100)
     assert "| anyms | all | 10 | 77.00 [" in table and table.count("\n") == 3
     monkeypatch.setattr(plt, "show", lambda *a, **k: pytest.fail("plots never show"))

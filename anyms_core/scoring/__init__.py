@@ -55,13 +55,16 @@ class Scores:
     metrics: list[str] = field(default_factory=list)
 
     def summary(self, min_subjects: int | None = None, bootstrap: int = 1000, set_bootstrap: int = 200,
-                seed: int = 0) -> list[dict]:
-        """Mean and 95% bootstrap CI of every metric per variant x subject count (and over all counts)."""
+                seed: int = 0, ci_unit: str = "image") -> list[dict]:
+        """Mean and 95% bootstrap CI of every metric per variant x subject count (and over all counts).
+
+        ``ci_unit="case"`` resamples whole cases instead of images (see :func:`~.stats.summarize`).
+        """
         statistics = {m: _set_statistic(m) for m in self.metrics if m in SET_METRIC_BACKENDS}
         return summarize(self.per_image, self.metrics, self.records, statistics, min_subjects=min_subjects,
-                         bootstrap=bootstrap, set_bootstrap=set_bootstrap, seed=seed)
+                         bootstrap=bootstrap, set_bootstrap=set_bootstrap, seed=seed, ci_unit=ci_unit)
 
-    def save(self, directory: str | Path, figures: bool = True, bootstrap: int = 1000) -> list[Path]:
+    def save(self, directory: str | Path, figures: bool = True, bootstrap: int = 1000, ci_unit: str = "image") -> list[Path]:
         """Writes the tables, the summary and one Fig. 4-style plot per metric; returns the paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -70,10 +73,10 @@ class Scores:
         (directory / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.records))
         (directory / "metrics.json").write_text(json.dumps(self.metrics) + "\n")
         written.append(directory / "records.jsonl")
-        summary = self.summary(bootstrap=bootstrap)
+        summary = self.summary(bootstrap=bootstrap, ci_unit=ci_unit)
         written.append(_write_csv(directory / "summary.csv", summary))
         (directory / "summary.md").write_text(
-            "Mean [95% bootstrap CI over images] per variant and subject count.\n\n"
+            f"Mean [95% bootstrap CI, resampling {ci_unit}s] per variant and subject count.\n\n"
             + markdown_table(summary, self.metrics) + "\n")
         written.append(directory / "summary.md")
         if figures and summary:
@@ -187,6 +190,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", default=None, help="where to write the tables and plots (default: DIR/scores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--ci-unit", choices=("image", "case"), default="image",
+                        help="what the bootstrap resamples: images, or whole cases (all seeds of a layout together)")
     from .paper import DEFAULT_MODELS, DREAMSIM_CACHE
 
     for kind, default in DEFAULT_MODELS.items():
@@ -211,7 +216,7 @@ def command(args: argparse.Namespace) -> int:
         print(f"anyms score: error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.directory) / "scores"
-    written = scores.save(out, bootstrap=args.bootstrap)
+    written = scores.save(out, bootstrap=args.bootstrap, ci_unit=args.ci_unit)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
