@@ -144,6 +144,8 @@ class PaperBackend:
                 own = [d for d in detections if d.label == label]
                 match = max(own, key=lambda d: d.score) if own else None
             subject["detected_box"] = None if match is None else match.box
+            if not {"clip_i", "dino", "dreamsim"} & set(self.metrics):
+                continue  # layout metrics only: no cut-outs
             subject["crop_from"] = "box" if match is None else "detection"
             crop_box = box if match is None else match.box
             mask = self.segmenter.mask(image, crop_box) if self.segmenter is not None else None
