@@ -42,11 +42,11 @@ from .palette import (
     OVERLAP_COLOR,
     SUBJECT_COLORS,
     box_to_pixels,
-    subject_color,
+    subject_colors,
 )
 
 __all__ = [
-    "SUBJECT_COLORS", "VARIANT_LABELS", "subject_color", "draw_boxes", "draw_overlaps", "draw_heatmap",
+    "SUBJECT_COLORS", "VARIANT_LABELS", "subject_colors", "draw_boxes", "draw_overlaps", "draw_heatmap",
     "draw_layout", "overlap_regions", "plot_image", "plot_attention", "plot_comparison", "plot_ablation_grid",
     "plot_layout_panel", "plot_steps", "save",
 ]
@@ -83,17 +83,20 @@ def draw_boxes(
 ) -> list[Rectangle]:
     """Outlines normalized boxes on ``ax`` at the pixel edges of an image of ``image_size = (width, height)``.
 
-    ``colors`` default to the subject palette. With ``highlight=j``, box j is drawn bold and the others
-    thin and dashed (used on subject j's heatmap). Returns the rectangles, in the boxes' order.
+    ``colors`` default to ``subject_colors(names)`` (without names: the Okabe-Ito colours in order); the
+    figures here pass ``subject_colors(run.subject_names)``. With ``highlight=j``, box j is drawn bold and
+    the others thin and dashed (used on subject j's heatmap). Returns the rectangles, in the boxes' order.
     """
     if names is not None and len(names) != len(boxes):
         raise ValueError(f"Got {len(names)} names for {len(boxes)} boxes.")
     if colors is not None and len(colors) != len(boxes):
         raise ValueError(f"Got {len(colors)} colours for {len(boxes)} boxes.")
+    if colors is None:
+        colors = subject_colors(names if names is not None else [""] * len(boxes))
     rectangles = []
     for index, box in enumerate(boxes):
         x0, y0, x1, y1 = box_to_pixels(box, image_size)
-        color = colors[index] if colors is not None else subject_color(index)
+        color = colors[index]
         faint = highlight is not None and index != highlight
         width = linewidth * (0.5 if faint else 1.0)
         rectangle = Rectangle(
@@ -105,8 +108,10 @@ def draw_boxes(
         ax.add_patch(rectangle)
         rectangles.append(rectangle)
         if names is not None and not faint:
-            ax.text(x0, y0, f" {names[index]}", color="white", fontsize=6, va="bottom", ha="left", clip_on=True,
-                    bbox=dict(boxstyle="square,pad=0.1", facecolor=color, edgecolor="none", alpha=0.85))
+            label = ax.text(x0, y0, f" {names[index]}", color="white", fontsize=6, va="bottom", ha="left", clip_on=True,
+                            bbox=dict(boxstyle="square,pad=0.1", facecolor=color, edgecolor="none", alpha=0.85))
+            # White text with a dark outline reads on every subject colour, light toy colours included.
+            label.set_path_effects([patheffects.withStroke(linewidth=1.5, foreground="black", alpha=0.6)])
     return rectangles
 
 
@@ -179,7 +184,7 @@ def draw_layout(ax: Axes, run: Run, background: str = "#EEEEEE", names: bool = T
         ax.imshow(np.asarray(run.subject_images[index]), extent=(x0, x1, y1, y0), interpolation="bilinear")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    draw_boxes(ax, run.boxes, (width, height), names=run.subject_names if names else None)
+    draw_boxes(ax, run.boxes, (width, height), names=run.subject_names if names else None, colors=_colors(run))
     _clean(ax)
 
 
@@ -192,7 +197,7 @@ def plot_image(run: Run, ax: Axes | None = None, boxes: bool = True, title: str 
     fig, ax = _figure_for(ax, PANEL_INCHES * 1.4, PANEL_INCHES * 1.4)
     _draw_image(ax, run.image)
     if boxes:
-        draw_boxes(ax, run.boxes, run.image.size, names=run.subject_names if names else None)
+        draw_boxes(ax, run.boxes, run.image.size, names=run.subject_names if names else None, colors=_colors(run))
     ax.set_title(VARIANT_LABELS.get(run.variant, run.variant) if title is None else title, fontsize=9)
     return fig
 
@@ -229,12 +234,13 @@ def plot_attention(
             raise ValueError(f"plot_attention draws {len(names)} panels ({names}); got {len(axes)} axes.")
         fig = _root_figure(axes[0])
     vmin, vmax = _shared_limits([maps], vmin, vmax)
+    colors = _colors(run)
     artist = None
     for position, (ax, name) in enumerate(zip(axes, names)):
         artist = draw_heatmap(ax, maps[position], image=run.image if overlay else None, image_size=run.image.size, vmin=vmin, vmax=vmax)
         subject = run.subject_names.index(name) if kind in IMAGE_BRANCH_KINDS else None
-        draw_boxes(ax, run.boxes, run.image.size, highlight=subject, linewidth=1.5)
-        ax.set_title(name, fontsize=9, color=subject_color(subject) if subject is not None else "black")
+        draw_boxes(ax, run.boxes, run.image.size, colors=colors, highlight=subject, linewidth=1.5)
+        ax.set_title(name, fontsize=9, color=colors[subject] if subject is not None else "black")
     fig.suptitle(f"{kind} · {VARIANT_LABELS.get(run.variant, run.variant)} · {_steps_text(run, steps)}", fontsize=9)
     if colorbar and artist is not None:
         fig.colorbar(artist, ax=axes, shrink=0.8, label=kind)
@@ -298,12 +304,13 @@ def plot_comparison(
     grid = np.array(fig.axes, dtype=object).reshape(nrows, ncols)
     image_size = first.image.size
     boxes = first.boxes
+    colors = _colors(first)  # every run has the same subjects (checked above)
     vmin, vmax = _shared_limits([m for m in maps if m is not None], vmin, vmax)
 
     heat_axes, heat_artist = [], None
     for column, (run, values, title) in enumerate(zip(runs, maps, titles)):
         _draw_image(grid[0, column], run.image)
-        draw_boxes(grid[0, column], boxes, run.image.size)
+        draw_boxes(grid[0, column], boxes, run.image.size, colors=colors)
         grid[0, column].set_title(title, fontsize=8)
         for row, name in enumerate(names, start=1):
             ax = grid[row, column]
@@ -314,9 +321,9 @@ def plot_comparison(
                 heat_artist = draw_heatmap(ax, values[row - 1], image=run.image if overlay else None, image_size=run.image.size,
                                            vmin=vmin, vmax=vmax, label=f"{HEATMAP_LABEL}:{run.variant}:{name}")
                 heat_axes.append(ax)
-            draw_boxes(ax, boxes, run.image.size, highlight=subject, linewidth=1.2)
+            draw_boxes(ax, boxes, run.image.size, colors=colors, highlight=subject, linewidth=1.2)
             if column == 0:
-                ax.set_ylabel(name, fontsize=8, color=subject_color(subject) if subject is not None else "black")
+                ax.set_ylabel(name, fontsize=8, color=colors[subject] if subject is not None else "black")
 
     diff_axes, diff_artist = [], None
     if pairs:
@@ -328,7 +335,7 @@ def plot_comparison(
             _empty_panel(ax, "")
             ax.set_xlim(0, image_size[0])
             ax.set_ylim(image_size[1], 0)
-            draw_boxes(ax, boxes, image_size)
+            draw_boxes(ax, boxes, image_size, colors=colors)
             draw_overlaps(ax, boxes, image_size, color="black", hatch="////")
             ax.set_title(f"{runs[i].variant} − {runs[j].variant}", fontsize=8)
             for row in range(1, nrows):
@@ -336,7 +343,7 @@ def plot_comparison(
                 diff_artist = draw_heatmap(ax, delta[row - 1], image_size=image_size, vmin=-limit, vmax=limit,
                                            cmap=DIFFERENCE_CMAP, label=f"{DIFFERENCE_LABEL}:{runs[i].variant}-{runs[j].variant}:{names[row - 1]}")
                 subject = row - 1 if kind in IMAGE_BRANCH_KINDS else None
-                draw_boxes(ax, boxes, image_size, highlight=subject, linewidth=1.2)
+                draw_boxes(ax, boxes, image_size, colors=colors, highlight=subject, linewidth=1.2)
                 draw_overlaps(ax, boxes, image_size, color="black")
                 diff_axes.append(ax)
 
@@ -392,7 +399,7 @@ def plot_ablation_grid(
         for c, run in enumerate(row):
             ax = grid[r, c + offset]
             _draw_image(ax, run.image)
-            draw_boxes(ax, run.boxes, run.image.size, names=run.subject_names if names else None)
+            draw_boxes(ax, run.boxes, run.image.size, names=run.subject_names if names else None, colors=_colors(run))
             title = column_titles[c] if column_titles[c] is not None else VARIANT_LABELS.get(run.variant, run.variant)
             if r == 0 or column_titles[c] is None:
                 ax.set_title(title, fontsize=8)
@@ -407,21 +414,22 @@ def plot_layout_panel(run: Run, show_image: bool = True) -> Figure:
     count = len(run.subject_images) + 1 + int(show_image)
     fig = _new_figure(1, count, height=PANEL_INCHES * 1.15)
     axes = fig.axes
+    colors = _colors(run)
     for index, (image, name) in enumerate(zip(run.subject_images, run.subject_names)):
         ax = axes[index]
         ax.imshow(np.asarray(image), interpolation="bilinear")
         _clean(ax)
         for spine in ax.spines.values():  # the frame is the association: same colour as the box
             spine.set_visible(True)
-            spine.set_edgecolor(subject_color(index))
+            spine.set_edgecolor(colors[index])
             spine.set_linewidth(3)
-        ax.set_title(name, fontsize=8, color=subject_color(index))
+        ax.set_title(name, fontsize=8, color=colors[index])
     draw_layout(axes[len(run.subject_images)], run, names=False)
     axes[len(run.subject_images)].set_title("layout", fontsize=8)
     if show_image:
         ax = axes[-1]
         _draw_image(ax, run.image)
-        draw_boxes(ax, run.boxes, run.image.size)
+        draw_boxes(ax, run.boxes, run.image.size, colors=colors)
         ax.set_title(VARIANT_LABELS.get(run.variant, run.variant), fontsize=8)
     fig.supxlabel(f"“{run.prompt}”", fontsize=9, style="italic")
     return fig
@@ -460,18 +468,19 @@ def plot_steps(
     fig = _new_figure(1 + len(names), len(steps))
     grid = np.array(fig.axes, dtype=object).reshape(1 + len(names), len(steps))
     vmin, vmax = _shared_limits([maps], vmin, vmax) if maps is not None else (vmin, vmax)
+    colors = _colors(run)
     artist = None
     for column, step in enumerate(steps):
         ax = grid[0, column]
         _draw_image(ax, Image.fromarray(run.previews[step]), size=run.image.size)
-        draw_boxes(ax, run.boxes, run.image.size, linewidth=1.2)
+        draw_boxes(ax, run.boxes, run.image.size, colors=colors, linewidth=1.2)
         ax.set_title(f"step {step + 1}/{total}", fontsize=8)
         for row, name in enumerate(names, start=1):
             subject = row - 1 if kind in IMAGE_BRANCH_KINDS else None
             artist = draw_heatmap(grid[row, column], maps[column, row - 1], image_size=run.image.size, vmin=vmin, vmax=vmax)
-            draw_boxes(grid[row, column], run.boxes, run.image.size, highlight=subject, linewidth=1.2)
+            draw_boxes(grid[row, column], run.boxes, run.image.size, colors=colors, highlight=subject, linewidth=1.2)
             if column == 0:
-                grid[row, column].set_ylabel(name, fontsize=8, color=subject_color(subject) if subject is not None else "black")
+                grid[row, column].set_ylabel(name, fontsize=8, color=colors[subject] if subject is not None else "black")
     grid[0, 0].set_ylabel("predicted x0", fontsize=8)
     fig.suptitle(f"{VARIANT_LABELS.get(run.variant, run.variant)} over the denoising steps", fontsize=9)
     if artist is not None:
@@ -501,6 +510,11 @@ def save(fig: Figure, path: str | Path, dpi: int = 300) -> list[Path]:
 def _check_run(run: object) -> None:
     if not isinstance(run, Run):
         raise ValueError(f"Expected an anyms_core.Run, got {type(run).__name__} (use Run.load(path) for a saved run).")
+
+
+def _colors(run: Run) -> list[str]:
+    """The box, title and frame colour of each subject of ``run`` (the one rule: ``palette.subject_colors``)."""
+    return subject_colors(run.subject_names)
 
 
 def _check_same_case(runs: Sequence[Run], where: str) -> None:

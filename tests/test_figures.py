@@ -21,7 +21,9 @@ from PIL import Image
 from anyms_core import AnyMS, Run, Subject
 from anyms_core.recording import AttentionMaps
 from anyms_viz import figures
-from anyms_viz.palette import subject_color
+import colorsys
+
+from anyms_viz.palette import SUBJECT_COLORS, color_rgb, subject_colors
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 BOXES = [[0.05, 0.1, 0.55, 0.6], [0.4, 0.4, 0.95, 0.95], [0.5, 0.05, 0.95, 0.45]]
@@ -78,7 +80,7 @@ def test_plot_attention_draws_one_panel_per_subject_on_one_scale():
     assert clim == (0.0, pytest.approx(2 / 3, abs=1e-3))  # the mean over steps of maps peaking at 1/3, 2/3, 1
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == NAMES
-    assert [ax.title.get_color() for ax in fig.axes[:3]] == [subject_color(i) for i in range(3)]
+    assert [ax.title.get_color() for ax in fig.axes[:3]] == subject_colors(NAMES)
 
 
 def test_plot_attention_into_given_axes_and_checks_their_number():
@@ -95,7 +97,7 @@ def test_boxes_are_drawn_at_pixel_edges_of_a_non_square_image():
     (rectangle,) = box_patches(fig.axes[0])
     assert rectangle.get_xy() == (16.0, 16.0)
     assert (rectangle.get_width(), rectangle.get_height()) == (32.0, 16.0)
-    assert matplotlib.colors.to_hex(rectangle.get_edgecolor()) == subject_color(0).lower()
+    assert matplotlib.colors.to_hex(rectangle.get_edgecolor()) == SUBJECT_COLORS[0].lower()  # "a" is no toy sprite
     # The image spans exactly [0, width] x [height, 0] in the same coordinates.
     assert fig.axes[0].images[0].get_extent() == [0, 64, 32, 0]
 
@@ -141,6 +143,41 @@ def test_comparison_marks_overlaps_and_leaves_text_variant_empty():
     assert len(overlaps) == 3 * 4  # three overlapping pairs, on the layout panel and three subject rows
 
 
+def hue_degrees(color: str) -> float:
+    return colorsys.rgb_to_hsv(*(value / 255 for value in color_rgb(color)))[0] * 360
+
+
+def test_toy_subjects_are_drawn_in_their_own_colour():
+    red, yellow, cyan, lime = subject_colors(["red circle", "yellow triangle", "cyan square", "lime cross"])
+    assert hue_degrees(red) < 10 or hue_degrees(red) > 350  # red, not vermillion (26 degrees)
+    assert 45 < hue_degrees(yellow) < 60  # yellow, not pink
+    assert 175 < hue_degrees(cyan) < 195 and 80 < hue_degrees(lime) < 100
+
+
+def test_other_subjects_get_okabe_ito_in_order_away_from_toy_hues():
+    assert subject_colors(["cat", "dog", "bird"]) == list(SUBJECT_COLORS[:3])
+    assert subject_colors([]) == []
+    # Vermillion is too close to the red circle's hue: the dog gets the next Okabe-Ito colour.
+    red, dog, cat = subject_colors(["red circle", "dog", "cat"])
+    assert [dog, cat] == list(SUBJECT_COLORS[1:3])
+    assert subject_colors(["dog", "red circle"])[0] == SUBJECT_COLORS[1]
+    assert subject_colors(["red square", "red circle"])[0] == subject_colors(["red circle"])[0]  # one colour per sprite colour
+    assert subject_colors(["red circle", "Red circle", "red blob"])[1:] == list(SUBJECT_COLORS[1:3])  # not sprite names
+
+
+def test_every_figure_draws_toy_subjects_in_their_own_colour():
+    run = synthetic_run()  # NAMES are toy sprites
+    expected = [c.lower() for c in subject_colors(NAMES)]
+    figures_drawn = [figures.plot_image(run), figures.plot_comparison([run, synthetic_run("mask")]),
+                     figures.plot_attention(run), figures.plot_steps(run, kind="affinity"), figures.plot_layout_panel(run),
+                     figures.plot_ablation_grid([[run]])]
+    for fig in figures_drawn:
+        for ax in fig.axes:
+            boxes = box_patches(ax)
+            if boxes:
+                assert [matplotlib.colors.to_hex(b.get_edgecolor()) for b in boxes] == expected
+
+
 def test_overlap_regions():
     assert figures.overlap_regions(BOXES) == [[0.4, 0.4, 0.55, 0.6], [0.5, 0.1, 0.55, 0.45], [0.5, 0.4, 0.95, 0.45]]
     assert figures.overlap_regions([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]) == []
@@ -159,7 +196,7 @@ def test_layout_panel_frames_references_in_subject_colours():
     fig = figures.plot_layout_panel(synthetic_run())
     assert len(fig.axes) == 3 + 2
     for index in range(3):
-        assert matplotlib.colors.to_hex(fig.axes[index].spines["top"].get_edgecolor()) == subject_color(index).lower()
+        assert matplotlib.colors.to_hex(fig.axes[index].spines["top"].get_edgecolor()) == subject_colors(NAMES)[index].lower()
     assert "a photo on grass" in fig.get_supxlabel()
 
 

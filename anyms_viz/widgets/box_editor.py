@@ -20,7 +20,7 @@ from anyms_core import Subject
 from anyms_core.layout import paint_order, subject_names, validate_box
 
 from .. import figures
-from ..palette import subject_color
+from ..palette import subject_colors
 from ._images import data_url, figure_png, png_mimebundle, upscale
 
 THUMBNAIL_SIDE = 48
@@ -40,7 +40,7 @@ class BoxEditor(anywidget.AnyWidget):
 
     Args:
         subjects: the subjects; their names, reference images (shown as thumbnails), boxes and
-            priorities are the starting point.
+            priorities are the starting point. Box colours follow ``palette.subject_colors(names)``.
         background: the image to draw on (e.g. a generated image); None gives a blank canvas.
         aspect: width / height of the blank canvas (with a background: the background's).
         display_width: the canvas width in screen pixels.
@@ -77,9 +77,10 @@ class BoxEditor(anywidget.AnyWidget):
         if not 0 < min_size < 0.5:
             raise ValueError(f"min_size is a fraction of the canvas side in (0, 0.5), got {min_size}.")
         self._subject_images = [s.image for s in subjects]
+        names = subject_names(subjects)
         super().__init__(
-            names=subject_names(subjects),
-            colors=[subject_color(i) for i in range(len(subjects))],
+            names=names,
+            colors=subject_colors(names),
             thumbnails=[data_url(_thumbnail(s.image)) for s in subjects],
             boxes=[list(s.box) for s in subjects],
             order=paint_order(subjects),

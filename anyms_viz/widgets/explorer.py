@@ -1,8 +1,9 @@
 """``Explorer``: the whole AnyMS loop in one notebook cell.
 
 Box editor + subject thumbnails + prompt + variant + generate, with the result, a step scrubber and a
-variant comparison below. With a fast model (the toy world: ~0.2 s per image) every box change
-re-generates by itself after a short debounce; errors from the core become messages in the widget.
+variant comparison below. With the toy world's pipeline (fractions of a second per image) every box
+change re-generates by itself after a short debounce, by default; errors from the core become messages
+in the widget.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ class Explorer(widgets.VBox):
         variant: the starting variant (one of ``anyms_core.VARIANTS``).
         seed: the starting seed.
         compare_variants: the variants ticked for the comparison tab.
-        auto: re-generate when the layout or a setting changes. None: on when one generation takes at
-            most ``auto_max_s`` seconds (measured on the first one).
+        auto: re-generate (after ``debounce_s``) whenever the layout or a setting changes; the
+            "re-generate on every change" checkbox shows it and turns it on or off later. Default (None):
+            on for the toy world's ``ToyWorldPipeline``, fast enough to follow every drag; off for any
+            other pipeline (SDXL: press Generate). Never decided by timing a generation.
         debounce_s: wait this long after the last change before re-generating (0: at once, in the handler).
         generate_kwargs: more arguments for ``AnyMS.generate`` (``num_inference_steps``, ``height``, ...).
         record: what attention to record (see ``AnyMS.generate``); the scrubber and comparison show it.
@@ -56,7 +59,6 @@ class Explorer(widgets.VBox):
         compare_variants: Sequence[str] = DEFAULT_VARIANTS,
         auto: bool | None = None,
         debounce_s: float = 0.3,
-        auto_max_s: float = 1.0,
         generate_kwargs: dict | None = None,
         record=True,
         display_width: int = 320,
@@ -68,14 +70,16 @@ class Explorer(widgets.VBox):
             raise ValueError(f"Unknown variants {unknown} in compare_variants; choose from {VARIANTS}.")
         if debounce_s < 0:
             raise ValueError(f"debounce_s must be >= 0, got {debounce_s}.")
-        self.anyms = AnyMS(pipe if pipe is not None else load_pipeline("toy"))
+        pipe = pipe if pipe is not None else load_pipeline("toy")
+        if auto is None:
+            auto = _is_toy_pipeline(pipe)
+        self.anyms = AnyMS(pipe)
         self.generate_kwargs = dict(generate_kwargs or {})
         forbidden = sorted(set(self.generate_kwargs) & {"prompt", "subjects", "variant", "seed", "record"})
         if forbidden:
             raise ValueError(f"generate_kwargs must not set {forbidden}: the Explorer's own controls set them.")
         self.record = record
         self.debounce_s = float(debounce_s)
-        self.auto_max_s = float(auto_max_s)
         self.display_width = display_width
         self.run: Run | None = None
         self.last_error: Exception | None = None
@@ -93,7 +97,6 @@ class Explorer(widgets.VBox):
         self.seed = widgets.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="seed", layout=widgets.Layout(width="200px"))
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.auto = widgets.Checkbox(value=bool(auto), description="re-generate on every change", indent=False)
-        self._auto_decided = auto is not None
         self.progress = widgets.IntProgress(value=0, min=0, max=1, description="idle", layout=widgets.Layout(width="320px"))
         self.status = widgets.HTML()
         self.status.add_class("anyms-status")
@@ -148,9 +151,6 @@ class Explorer(widgets.VBox):
             if self.comparison.runs:
                 self.comparison_note.value = "<i>The layout or settings changed: press Compare variants to update.</i>"
             seconds = run.timings.get("total") or 0.0
-            if not self._auto_decided:  # fast enough (the toy world) to follow every drag
-                self._auto_decided = True
-                self.auto.value = seconds <= self.auto_max_s
             self._show_status(f"Generated <b>{html.escape(run.variant)}</b> in {seconds:.2f} s ({run.num_steps} steps).")
             return run
 
@@ -272,3 +272,10 @@ class Explorer(widgets.VBox):
         if timer is not None:
             timer.cancel()
         super().close()
+
+
+def _is_toy_pipeline(pipe) -> bool:
+    """Whether ``pipe`` is the toy world's pipeline (imported here: only this default needs it)."""
+    from anyms_core.toy.pipeline import ToyWorldPipeline
+
+    return isinstance(pipe, ToyWorldPipeline)

@@ -21,7 +21,7 @@ from PIL import Image
 from anyms_core import Run
 
 from .. import figures
-from ..palette import HEATMAP_CMAP, draw_boxes_on_image, heatmap_to_rgba, overlay_heatmap, subject_color
+from ..palette import HEATMAP_CMAP, draw_boxes_on_image, heatmap_to_rgba, overlay_heatmap, subject_colors
 from ._images import figure_png, png_bytes, png_mimebundle, upscale
 
 ALL_LAYERS = "all layers"
@@ -164,7 +164,7 @@ class StepScrubber(widgets.VBox):
             return []
         step = self.step if step is None else step
         boxes = run.boxes
-        colors = [subject_color(i) for i in range(len(boxes))]
+        colors = subject_colors(run.subject_names)
         if run.previews:
             base = Image.fromarray(run.previews[step]).resize(run.image.size, Image.NEAREST)
             caption = f"predicted x0 · step {step + 1}/{self.num_steps}"
