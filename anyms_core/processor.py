@@ -22,7 +22,10 @@ The layout reaches the processors as tensors only: a :class:`DecoupledState`, sh
 processors of a session, holds per UNet level (keyed by the number of queries) the box masks and the
 crop/merge index tensors, built once per latent size outside any compiled graph. ``torch.compile``
 therefore sees them as graph inputs, not constants: a UNet compiled once runs any layout with the
-same number of subjects without recompiling (the crop length is marked dynamic).
+same number of subjects without recompiling (the crop length, the largest box's cell count, is marked
+dynamic), also across sessions. What does recompile, once each, because it changes the maths or the
+shapes: another number of subjects, another variant, recording switched on or off, another latent
+size, other per-subject scales (Python floats, as in diffusers' own processor).
 What a processor observes is handed to ``state.recorder`` (see :mod:`anyms_core.recording`); with no
 recorder the processor does no extra work.
 """
