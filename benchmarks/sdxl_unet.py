@@ -147,8 +147,8 @@ def section_unet(bench: Bench, args) -> dict:
             unets[mode] = torch.compile(bench.unet, backend=args.compile_backend)
         elif mode == "cudagraphs":
             unets[mode] = torch.compile(bench.unet, mode="reduce-overhead")
-    keys = [(mode, config) for mode in unets for config in args.configs
-            if mode == "eager" or config in args.compiled_configs]
+    wanted = {"eager": args.configs, "compile": args.compiled_configs, "cudagraphs": args.cudagraph_configs}
+    keys = [(mode, config) for mode in unets for config in args.configs if config in wanted[mode]]
     results = {f"{m}/{c}": {} for m, c in keys}
     for mode, config in keys:  # warm-up: compiles; then a mirrored layout must not recompile
         start = time.perf_counter()
@@ -290,7 +290,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--compiled-configs", nargs="+", default=["stock", "peer", "anyms", "anyms+rec"], choices=CONFIGS,
-                        help="configurations also timed compiled (each compiles its own graphs)")
+                        help="configurations also timed with torch.compile (each compiles its own graphs)")
+    parser.add_argument("--cudagraph-configs", nargs="+", default=["stock", "anyms"], choices=CONFIGS,
+                        help="configurations also timed with CUDA graphs (mode reduce-overhead)")
     parser.add_argument("--compile-backend", default="inductor", help="for mode `compile` (e.g. aot_eager for a quick CPU smoke test)")
     parser.add_argument("--scaling-subjects", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[512, 768, 1024, 1280, 1536])
