@@ -81,12 +81,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--compile", default=None, help="also time a copy whose UNet is compiled with this backend")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pipes = {"eager": load_pipeline(args.model)}
+    pipes = {"eager": load_pipeline(args.model, device=args.device)}
     if args.compile:
-        pipes["compiled"] = load_pipeline(args.model)
+        pipes["compiled"] = load_pipeline(args.model, device=args.device)
         pipes["compiled"].unet.compile(backend=args.compile)
     call_kwargs = {"height": 64, "width": 64, "num_inference_steps": 10} if args.model.startswith("tiny") else {}
     from PIL import Image
