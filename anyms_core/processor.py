@@ -25,7 +25,9 @@ therefore sees them as graph inputs, not constants: a UNet compiled once runs an
 same number of subjects without recompiling (the crop length, the largest box's cell count, is marked
 dynamic), also across sessions. What does recompile, once each, because it changes the maths or the
 shapes: another number of subjects, another variant, recording switched on or off, another latent
-size, other per-subject scales (Python floats, as in diffusers' own processor).
+size, other per-subject scales (Python floats, as in diffusers' own processor). Under CUDA graphs
+(``mode="reduce-overhead"``) a new crop length means a new graph recording, not a recompilation (not yet
+measured on a GPU).
 What a processor observes is handed to ``state.recorder`` (see :mod:`anyms_core.recording`); with no
 recorder the processor does no extra work.
 """

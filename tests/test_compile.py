@@ -66,7 +66,7 @@ def run_both(pipe, compiled, boxes, variant="anyms", record=None, latent=(8, 8))
     return eager, fast, session
 
 
-@pytest.mark.parametrize("variant", ["anyms", "mask"])
+@pytest.mark.parametrize("variant", ["anyms", "mask", "none", "joint", "text"])
 def test_no_recompile_over_layouts_and_exact(pipe, variant):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(pipe.unet, backend=counter)
