@@ -1,7 +1,8 @@
 """AnyMS: layout-guided, training-free multi-subject customization by attention decoupling."""
 
 from .layout import Subject
-from .processor import VARIANTS, AnyMSAttnProcessor
+from .processor import AnyMSAttnProcessor
+from .variants import VARIANTS
 from .recording import AttentionMaps, RecordConfig
 from .run import Run
 from .sampler import AnyMS

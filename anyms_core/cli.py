@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .layout import Subject
-from .processor import VARIANTS
+from .variants import VARIANTS
 
 CASE_FIELDS = {"prompt", "subjects", "variant", "seed", "steps", "guidance_scale", "ip_adapter_scale", "height", "width",
                "model", "negative_prompt", "priority_rule", "record"}

@@ -5,63 +5,118 @@ layer of the UNet (paper Sec. 3.3):
 
     Z_out = Z_text + Z_image                                              (Eq. 3, global decoupling)
 
-where ``Z_text`` is the ordinary text cross-attention and ``Z_image`` depends on the variant:
+where ``Z_text`` is the ordinary text cross-attention and ``Z_image`` is computed by the variant's
+image branch, one small function each, chosen once when the session is built:
 
-- ``anyms`` (crop-and-merge, Eq. 5-6): for each subject j, only the queries inside its box B_j are
-  cropped out (one gather for all boxes, padded to the largest box) and attend to subject j's image
-  tokens; the results are merged back so that each cell takes the row of the subject that owns it
-  (the higher priority where boxes overlap). Outside all boxes ``Z_image`` is exactly zero.
-- ``mask`` (Eq. 7, "w/o crop and merge"): every query attends to each subject separately, each
-  output is multiplied by its hard box mask, and the results are summed (overlaps get the sum).
-- ``none`` ("w/o local decoupling"): each subject's own attention, summed everywhere.
-- ``joint``: diffusers' stock multi-image behaviour: all subjects' tokens share one softmax.
+- ``anyms`` -> :func:`crop_and_merge` (Eq. 5-6): for each subject j, only the queries inside its box
+  B_j are cropped out (one gather for all boxes, padded to the largest box) and attend to subject j's
+  image tokens; the results are merged back so that each cell takes the row of the subject that owns
+  it (the higher priority where boxes overlap). Outside all boxes ``Z_image`` is exactly zero.
+- ``mask`` -> :func:`masked_sum` (Eq. 7, "w/o crop and merge"): every query attends to each subject
+  separately, each output is multiplied by its hard box mask, and the results are summed.
+- ``none`` -> :func:`global_sum` ("w/o local decoupling"): each subject's own attention, summed everywhere.
+- ``joint`` -> :func:`joint_softmax`: diffusers' stock multi-image behaviour, one softmax over all subjects.
 - ``text``: no image branch (the text-only baseline).
 
-Everything a processor needs to know about the layout lives on a :class:`DecoupledState` shared by
-all processors of a session (diffusers drops unknown ``cross_attention_kwargs``, so layout cannot
-travel there). What a processor observes is handed to ``state.recorder``; with no recorder the
-processor does no extra work.
+The layout reaches the processors as tensors only: a :class:`DecoupledState`, shared by all
+processors of a session, holds per UNet level (keyed by the number of queries) the box masks and the
+crop/merge index tensors, built once per latent size outside any compiled graph. ``torch.compile``
+therefore sees them as graph inputs, not constants: a UNet compiled once runs any layout with the
+same number of subjects without recompiling (the crop length, the largest box's cell count, is marked
+dynamic), also across sessions. What does recompile, once each, because it changes the maths or the
+shapes: another number of subjects, another variant, recording switched on or off, another latent
+size, other per-subject scales (Python floats, as in diffusers' own processor). Under CUDA graphs
+(``mode="reduce-overhead"``) a new crop length means a new graph recording, not a recompilation (not yet
+measured on a GPU).
+What a processor observes is handed to ``state.recorder`` (see :mod:`anyms_core.recording`); with no
+recorder the processor does no extra work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 
-from .layout import GridLayout, level_grid
+from .layout import GridLayout
+from .variants import VARIANTS, check_variant
 
-if TYPE_CHECKING:
-    from .recording import AttentionRecorder
-
-VARIANTS = ("anyms", "mask", "none", "joint", "text")
+MAX_LEVELS = 16
 
 
-@dataclass
+class Level:
+    """One UNet level's layout as tensors: what the processors of that grid read, nothing else.
+
+    ``masks``: [S, N] hard 0/1 box masks; ``crop``: [S, L] flat indices of each box's cells, padded to
+    the largest box (at least 2, so a compiled graph never specialises on a one-cell box); ``merge``:
+    [N] for each cell the row of its owner in the concatenated crops, ``S * L`` (a zero row) outside
+    all boxes; ``owner_one_hot``: [N, S] float32, 1 where subject j owns the cell (for recording).
+    """
+
+    def __init__(self, layout: GridLayout, device: torch.device, dtype: torch.dtype):
+        self.height, self.width = layout.height, layout.width
+        crop, merge = layout.crop_and_merge_on(torch.device("cpu"))
+        if crop.shape[1] == 1:  # merge rows are j * L + position: doubling L doubles them (and the zero row)
+            crop, merge = crop.repeat(1, 2), merge * 2
+        self.masks = layout.masks.to(device=device, dtype=dtype)
+        self.crop = crop.to(device)
+        self.merge = merge.to(device)
+        self.owner_one_hot = layout.owner_one_hot_on(torch.device("cpu")).to(device)
+        torch._dynamo.maybe_mark_dynamic(self.crop, 1)  # the largest box's cell count changes with the layout
+
+
 class DecoupledState:
-    """Layout and run-time facts shared by all AnyMS processors of one session."""
+    """Layout and run-time facts shared by all AnyMS processors of one session.
 
-    variant: str
-    boxes: list[list[float]]
-    paint_order: list[int]
-    subject_scales: list[float] | None = None
-    recorder: "AttentionRecorder | None" = None
-    # Set by the session's UNet pre-hook before every UNet call.
-    latent_size: tuple[int, int] | None = None
-    record_batch_index: int = 0
-    _grids: dict = field(default_factory=dict, repr=False)
+    ``image_branch`` is the variant's function, chosen here once. ``levels`` maps a layer's number of
+    queries to its :class:`Level`; :meth:`prepare` (called by the session before every UNet call)
+    builds them once per latent size, device and dtype.
+    """
 
-    def grid_layout(self, sequence_length: int) -> GridLayout:
-        if self.latent_size is None:
-            raise RuntimeError("The AnyMS processors ran outside a UNet call of the session that installed them.")
-        key = (self.latent_size, sequence_length)
-        if key not in self._grids:
-            height, width = level_grid(*self.latent_size, sequence_length)
-            self._grids[key] = GridLayout.build(self.boxes, self.paint_order, height, width)
-        return self._grids[key]
+    def __init__(self, variant: str, boxes: Sequence[Sequence[float]], paint_order: Sequence[int],
+                 subject_scales: list[float] | None = None, recorder: Any = None):
+        self.variant = check_variant(variant)
+        self.image_branch: Callable | None = IMAGE_BRANCHES[variant]
+        self.boxes = [list(box) for box in boxes]
+        self.paint_order = list(paint_order)
+        self.subject_scales = subject_scales
+        self.recorder = recorder
+        self.levels: dict[int, Level] = {}
+        self._latent_size: tuple[int, int] | None = None
+        self._built: dict[tuple, dict[int, Level]] = {}
+
+    @property
+    def num_subjects(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def latent_size(self) -> tuple[int, int] | None:
+        return self._latent_size
+
+    @latent_size.setter
+    def latent_size(self, size: tuple[int, int]) -> None:
+        self.prepare(size)
+
+    @torch._dynamo.disable
+    def prepare(self, latent_size: tuple[int, int], device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> None:
+        """Points ``levels`` at the layout tensors of every UNet level of a ``latent_size`` latent."""
+        latent_size = (int(latent_size[0]), int(latent_size[1]))
+        device = torch.device(device)
+        key = (latent_size, device, dtype)
+        if key not in self._built:
+            levels, (height, width) = {}, latent_size
+            for _ in range(MAX_LEVELS):  # UNet levels halve with ceil: ceil(h / 2^k) x ceil(w / 2^k)
+                layout = GridLayout.build(self.boxes, self.paint_order, height, width)
+                levels[height * width] = Level(layout, device, dtype)
+                if height == 1 and width == 1:
+                    break
+                height, width = -(-height // 2), -(-width // 2)
+            self._built[key] = levels
+        self._latent_size = latent_size
+        self.levels = self._built[key]
 
 
 class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
@@ -116,6 +171,16 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
+        level = state.levels.get(num_queries)
+        if level is None:
+            raise RuntimeError(
+                f"{self.layer_name}: no UNet level of the {state.latent_size} latent has {num_queries} positions; "
+                "the AnyMS processors ran outside a UNet call of the session that installed them."
+            )
+        recorder = state.recorder if state.recorder is not None and state.recorder.wants(self.layer_name) else None
+        row = None if recorder is None else recorder.batch_index  # the batch row (sample) that is recorded
+        grid = (level.height, level.width)
+
         # --- Text cross-attention (Eq. 2): Z_text = softmax(Q K_text^T / sqrt(d)) V_text --------------
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
@@ -130,81 +195,28 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
-
-        recorder = state.recorder if state.recorder is not None and state.recorder.wants(self.layer_name) else None
-        if recorder is not None and recorder.words:
-            recorder.observe_text(self.layer_name, state, query, key)
+        if recorder is not None and "text" in recorder.kinds:
+            recorder.add(self.layer_name, "text", attention_probabilities(query[row], key[row]).mean(0), grid)
 
         # --- Image cross-attention (Eq. 4): each subject's keys and values from the adapter ----------
-        num_subjects = len(state.boxes)
+        num_subjects = state.num_subjects
         if image_states.shape[1] != num_subjects:
             raise ValueError(
                 f"{self.layer_name}: got {image_states.shape[1]} reference images for {num_subjects} subjects; "
                 "pass the session's ip_adapter_image (one image per subject, in the subjects' order)."
             )
         scales = self._subject_scales(num_subjects)
-        if state.variant != "text" and any(s != 0 for s in scales):
+        if state.image_branch is not None and any(s != 0 for s in scales):
             # [B, S, T, D] -> per-head keys/values [B, heads, S*T, head_dim]; subject j owns tokens j*T:(j+1)*T.
-            num_tokens = image_states.shape[2]
             image_key = self.to_k_ip[0](image_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             image_value = self.to_v_ip[0](image_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            subject_keys = image_key.split(num_tokens, dim=2)
-            subject_values = image_value.split(num_tokens, dim=2)
-
-            if state.variant == "joint":
-                # One softmax over all subjects' tokens: subjects compete for every query.
-                if len(set(scales)) > 1:
-                    raise ValueError("The `joint` variant mixes all subjects in one softmax: it takes one scale, not one per subject.")
-                joint = F.scaled_dot_product_attention(query, image_key, image_value)
-                joint = joint.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-                hidden_states = hidden_states + scales[0] * joint
-                if recorder is not None:
-                    recorder.observe_joint_contributions(self.layer_name, state, query, subject_keys, subject_values, scales[0])
-            elif state.variant == "none":
-                contributions = []
-                for j in range(num_subjects):
-                    z_j = self._attend(query, subject_keys[j], subject_values[j], batch_size, attn.heads * head_dim)
-                    contributions.append(_scaled(z_j, scales[j]))
-                    hidden_states = hidden_states + contributions[-1]
-                if recorder is not None:
-                    recorder.observe_contributions(self.layer_name, state, contributions)
-            elif state.variant == "mask":
-                # Eq. 7: Z_image = sum_j (softmax(Q K_j^T / sqrt(d)) V_j) * M_j, each query attends to every subject.
-                layout = state.grid_layout(num_queries)
-                masks = layout.masks_on(query.device, query.dtype)
-                contributions = []
-                for j in range(num_subjects):
-                    z_j = self._attend(query, subject_keys[j], subject_values[j], batch_size, attn.heads * head_dim)
-                    masked = _scaled(z_j * masks[j][None, :, None], scales[j])
-                    contributions.append(masked)
-                    hidden_states = hidden_states + masked
-                if recorder is not None:
-                    recorder.observe_contributions(self.layer_name, state, contributions)
-            elif state.variant == "anyms":
-                # Eq. 5-6, crop-and-merge. Crop: the queries inside each box B_j (one gather for all boxes);
-                # each crop attends only to its own subject's tokens. Merge: every cell takes the row of the
-                # subject that owns it (priority resolved when the layout was built); zero outside all boxes.
-                layout = state.grid_layout(num_queries)
-                crop_rows, merge_rows = layout.crop_and_merge_on(query.device)
-                cropped = query[:, :, crop_rows].flatten(1, 2)  # [B, heads * S, L, d]
-                keys = image_key.unflatten(2, (num_subjects, num_tokens)).flatten(1, 2)  # [B, heads * S, T, d]
-                values = image_value.unflatten(2, (num_subjects, num_tokens)).flatten(1, 2)
-                z = F.scaled_dot_product_attention(cropped, keys, values).unflatten(1, (attn.heads, num_subjects))
-                if len(set(scales)) == 1:
-                    z = _scaled(z, scales[0])  # the usual case: a Python scalar, no tensor built per call
-                else:
-                    z = z * torch.tensor(scales, device=z.device, dtype=z.dtype)[:, None, None]
-                z = z.permute(0, 2, 3, 1, 4).reshape(batch_size, -1, attn.heads * head_dim)  # [B, S * L, C]
-                z = torch.cat([z, z.new_zeros(batch_size, 1, z.shape[-1])], dim=1)
-                image_part = z[:, merge_rows]  # [B, N, C]
-                hidden_states = hidden_states + image_part
-                if recorder is not None:
-                    recorder.observe_owned_contributions(self.layer_name, state, layout, image_part)
-            else:
-                raise ValueError(f"Unknown AnyMS variant {state.variant!r}; choose one of {VARIANTS}.")
-
+            want_contribution = recorder is not None and "contribution" in recorder.kinds
+            hidden_states, contribution = state.image_branch(
+                hidden_states, query, image_key, image_value, scales, level, row if want_contribution else None)
+            if want_contribution:
+                recorder.add(self.layer_name, "contribution", contribution, grid)
             if recorder is not None and "affinity" in recorder.kinds:
-                recorder.observe_affinity(self.layer_name, state, query, image_key, num_subjects)
+                recorder.add(self.layer_name, "affinity", subject_affinity(query[row], image_key[row], num_subjects), grid)
 
         # --- Output projection, exactly as in diffusers' processor ---------------------------------
         hidden_states = attn.to_out[0](hidden_states)
@@ -215,12 +227,6 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
-
-    @staticmethod
-    def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch_size: int, inner_dim: int) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d)) V for one subject, merged back to [B, queries, heads * head_dim]."""
-        out = F.scaled_dot_product_attention(query, key, value)
-        return out.transpose(1, 2).reshape(batch_size, -1, inner_dim).to(query.dtype)
 
     def _subject_scales(self, num_subjects: int) -> list[float]:
         """Per-subject scales: the session's, else the adapter scale set by ``pipe.set_ip_adapter_scale``."""
@@ -236,6 +242,107 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         return [float(adapter_scale)] * num_subjects
 
 
+# --- The image branches, one per variant ------------------------------------------------------------
+# Each takes Z_text (``hidden_states``, [B, N, C]), the queries [B, heads, N, d], the subjects' image keys
+# and values [B, heads, S*T, d] (subject j owns tokens j*T:(j+1)*T), the per-subject scales, the layer's
+# Level, and ``row``: the batch row whose per-subject contribution norms to return ([N, S] float32), or
+# None to skip that work. Each returns (Z_text + Z_image, contribution or None).
+
+def crop_and_merge(hidden_states: torch.Tensor, query: torch.Tensor, image_key: torch.Tensor, image_value: torch.Tensor,
+                   scales: list[float], level: Level, row: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eq. 5-6. Crop: the queries inside each box B_j (one gather for all boxes); each crop attends only to
+    its own subject's tokens. Merge: every cell takes the row of the subject that owns it (priority resolved
+    when the layout was built); Z_image is zero outside all boxes."""
+    batch_size, heads, _, head_dim = query.shape
+    num_subjects = level.crop.shape[0]
+    cropped = query[:, :, level.crop].flatten(1, 2)  # [B, heads * S, L, d]
+    keys = image_key.unflatten(2, (num_subjects, -1)).flatten(1, 2)  # [B, heads * S, T, d]
+    values = image_value.unflatten(2, (num_subjects, -1)).flatten(1, 2)
+    z = F.scaled_dot_product_attention(cropped, keys, values).unflatten(1, (heads, num_subjects))
+    if len(set(scales)) == 1:
+        z = _scaled(z, scales[0])  # the usual case: a Python scalar, no tensor built per call
+    else:
+        z = z * torch.tensor(scales, device=z.device, dtype=z.dtype)[:, None, None]
+    z = z.permute(0, 2, 3, 1, 4).reshape(batch_size, -1, heads * head_dim)  # [B, S * L, C]
+    z = torch.cat([z, z.new_zeros(batch_size, 1, z.shape[-1])], dim=1)
+    image_part = z[:, level.merge]  # [B, N, C]
+    contribution = None
+    if row is not None:  # the owner's norm in the cells it owns, zero for the others
+        norms = torch.linalg.vector_norm(image_part[row], dim=-1, dtype=torch.float32)  # [N]
+        contribution = norms[:, None] * level.owner_one_hot
+    return hidden_states + image_part, contribution
+
+
+def masked_sum(hidden_states: torch.Tensor, query: torch.Tensor, image_key: torch.Tensor, image_value: torch.Tensor,
+               scales: list[float], level: Level, row: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eq. 7, "w/o crop and merge": Z_image = sum_j s_j (softmax(Q K_j^T / sqrt(d)) V_j) * M_j; every query
+    attends to every subject, overlaps get the sum."""
+    masks = level.masks if level.masks.dtype == query.dtype else level.masks.to(query.dtype)
+    num_subjects = masks.shape[0]
+    norms = []
+    for j, (key_j, value_j) in enumerate(zip(image_key.chunk(num_subjects, dim=2), image_value.chunk(num_subjects, dim=2))):
+        masked = _scaled(_attend(query, key_j, value_j) * masks[j][None, :, None], scales[j])
+        hidden_states = hidden_states + masked
+        if row is not None:
+            norms.append(torch.linalg.vector_norm(masked[row], dim=-1, dtype=torch.float32))
+    return hidden_states, None if row is None else torch.stack(norms, dim=-1)
+
+
+def global_sum(hidden_states: torch.Tensor, query: torch.Tensor, image_key: torch.Tensor, image_value: torch.Tensor,
+               scales: list[float], level: Level, row: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """"w/o local decoupling": Z_image = sum_j s_j softmax(Q K_j^T / sqrt(d)) V_j at every position."""
+    num_subjects = level.masks.shape[0]
+    norms = []
+    for j, (key_j, value_j) in enumerate(zip(image_key.chunk(num_subjects, dim=2), image_value.chunk(num_subjects, dim=2))):
+        z_j = _scaled(_attend(query, key_j, value_j), scales[j])
+        hidden_states = hidden_states + z_j
+        if row is not None:
+            norms.append(torch.linalg.vector_norm(z_j[row], dim=-1, dtype=torch.float32))
+    return hidden_states, None if row is None else torch.stack(norms, dim=-1)
+
+
+def joint_softmax(hidden_states: torch.Tensor, query: torch.Tensor, image_key: torch.Tensor, image_value: torch.Tensor,
+                  scales: list[float], level: Level, row: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """diffusers' stock multi-image IP-Adapter: Z_image = s softmax(Q [K_1..K_S]^T / sqrt(d)) [V_1..V_S];
+    subjects compete for every query in one softmax."""
+    if len(set(scales)) > 1:
+        raise ValueError("The `joint` variant mixes all subjects in one softmax: it takes one scale, not one per subject.")
+    hidden_states = hidden_states + scales[0] * _attend(query, image_key, image_value)
+    contribution = None
+    if row is not None:  # each subject's share of the joint output: its probabilities times its values
+        num_subjects = level.masks.shape[0]
+        probs = attention_probabilities(query[row], image_key[row])  # [heads, N, S*T]
+        values = image_value[row].float().unflatten(1, (num_subjects, -1))  # [heads, S, T, d]
+        shares = torch.einsum("hnst,hstd->hnsd", probs.unflatten(-1, (num_subjects, -1)), values)
+        contribution = torch.linalg.vector_norm(scales[0] * shares, dim=(0, -1))
+    return hidden_states, contribution
+
+
+IMAGE_BRANCHES: dict[str, Callable | None] = {
+    "anyms": crop_and_merge, "mask": masked_sum, "none": global_sum, "joint": joint_softmax, "text": None,
+}
+assert tuple(IMAGE_BRANCHES) == VARIANTS
+
+
+# --- What the recorder is given ---------------------------------------------------------------------
+
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) over the keys of each query, in float32: [heads, N, keys]."""
+    return torch.softmax((query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
+
+
+def subject_affinity(query: torch.Tensor, image_key: torch.Tensor, num_subjects: int) -> torch.Tensor:
+    """Each subject's share of a joint softmax over all subjects' tokens, averaged over heads: [N, S]."""
+    return attention_probabilities(query, image_key).unflatten(-1, (num_subjects, -1)).sum(-1).mean(0)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V, merged back to [B, queries, heads * head_dim]."""
+    out = F.scaled_dot_product_attention(query, key, value)
+    batch_size, heads, _, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+
+
 def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * tensor, skipping the multiplication (one kernel launch per subject and layer) at 1.0."""
     return tensor if scale == 1.0 else scale * tensor
@@ -248,12 +355,6 @@ def replaceable_processors(processors: dict[str, object]) -> dict[str, IPAdapter
         for name, processor in processors.items()
         if isinstance(processor, IPAdapterAttnProcessor2_0)
     }
-
-
-def check_variant(variant: str) -> str:
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown AnyMS variant {variant!r}; choose one of {VARIANTS}.")
-    return variant
 
 
 def sequence_of_floats(values: float | Sequence[float] | None, count: int, what: str) -> list[float] | None:

@@ -20,18 +20,13 @@ Why these and not the mean of a subject's own softmax: that mean is always 1/T (
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .layout import GridLayout
-    from .processor import DecoupledState
 
 KINDS = ("affinity", "contribution", "text")
 POLICIES = ("layer", "resolution", "mean")
@@ -90,7 +85,17 @@ class RecordConfig:
 
 
 class AttentionRecorder:
-    """Receives observations from the processors during one pipeline call and aggregates them."""
+    """Collects what the processors observe during the pipeline calls of one session, and aggregates it.
+
+    The API, all of it: the session calls :meth:`begin_step` before every UNet call (which closes the
+    previous step and picks the batch row to record) and :meth:`finish` at the end; a processor asks
+    :meth:`wants` for its layer, reads :attr:`batch_index` and :attr:`kinds`, and hands its maps to
+    :meth:`add`. The recorder owns its step counter, its batch index and its budget.
+
+    :meth:`add` only appends to an inbox (so a compiled UNet traces it without a graph break); the
+    maps are summed, averaged and moved to the CPU in fp16 when the step closes, and a step is stored
+    whole or, if it would not fit the budget, dropped whole.
+    """
 
     def __init__(self, config: RecordConfig, subject_names: Sequence[str], word_tokens: dict[str, list[int]]):
         self.config = config
@@ -99,17 +104,21 @@ class AttentionRecorder:
         self.word_tokens = word_tokens
         self.subject_names = list(subject_names)
         self.step = -1
+        self.batch_index = 0
         self._warned = False
-        self._pending: dict[tuple[str, str], list] = {}  # (kind, key) -> [sum tensor, count, grid]
+        self._inbox: list[tuple[str, str, torch.Tensor, tuple[int, int]]] = []
         self.maps = AttentionMaps(
             kinds=list(self.kinds), subjects=self.subject_names, words=self.words, policy=config.policy,
             budget_bytes=config.budget_bytes,
         )
 
     # --- driven by the session -------------------------------------------------------------------
-    def begin_step(self) -> None:
+    def begin_step(self, batch_size: int = 1, guided: bool = False) -> None:
+        """Closes the previous step and starts the next one. Under classifier-free guidance
+        (``guided``, batch ``[uncond; cond]``) the first conditional sample is recorded, else the first."""
         self._flush()
         self.step += 1
+        self.batch_index = batch_size // 2 if guided and batch_size > 1 else 0
 
     def finish(self) -> "AttentionMaps":
         self._flush()
@@ -117,80 +126,47 @@ class AttentionRecorder:
             self._warned = True
             warnings.warn(
                 f"Attention recording hit its budget of {self.config.budget_bytes / 2**20:.1f} MB and dropped "
-                f"{len(self.maps.dropped)} maps (see AttentionMaps.dropped); use a coarser policy or a larger budget.",
+                f"steps {self.maps.dropped_steps} whole (see AttentionMaps.dropped); use a coarser policy or a larger budget.",
                 stacklevel=2,
             )
         return self.maps
 
+    # --- called by the processors ----------------------------------------------------------------
     def wants(self, layer_name: str) -> bool:
         return self.config.layers is None or any(part in layer_name for part in self.config.layers)
 
-    # --- called by the processors ----------------------------------------------------------------
-    def observe_affinity(self, layer: str, state: "DecoupledState", query: torch.Tensor, image_key: torch.Tensor, num_subjects: int) -> None:
-        b = state.record_batch_index
-        q, k = query[b], image_key[b]  # [heads, N, d], [heads, S*T, d]
-        # softmax over the keys of each query, accumulated in float32 whatever the model's dtype
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
-        per_subject = probs.unflatten(-1, (num_subjects, -1)).sum(-1)  # [heads, N, S]
-        self._add(layer, "affinity", per_subject.mean(0), state)
-
-    def observe_text(self, layer: str, state: "DecoupledState", query: torch.Tensor, text_key: torch.Tensor) -> None:
-        b = state.record_batch_index
-        q, k = query[b], text_key[b]
-        probs = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32).mean(0)  # [N, L]
-        columns = [probs[:, indices].sum(-1) for indices in self.word_tokens.values()]
-        self._add(layer, "text", torch.stack(columns, dim=-1), state)
-
-    def observe_contributions(self, layer: str, state: "DecoupledState", contributions: list[torch.Tensor]) -> None:
-        if "contribution" in self.kinds:
-            b = state.record_batch_index
-            norms = torch.stack([torch.linalg.vector_norm(c[b], dim=-1, dtype=torch.float32) for c in contributions], dim=-1)
-            self._add(layer, "contribution", norms, state)
-
-    def observe_owned_contributions(self, layer: str, state: "DecoupledState", layout: "GridLayout", image_part: torch.Tensor) -> None:
-        if "contribution" in self.kinds:
-            norms = torch.linalg.vector_norm(image_part[state.record_batch_index], dim=-1, dtype=torch.float32)  # [N]
-            self._add(layer, "contribution", norms[:, None] * layout.owner_one_hot_on(norms.device), state)
-
-    def observe_joint_contributions(self, layer: str, state: "DecoupledState", query: torch.Tensor,
-                                    subject_keys: Sequence[torch.Tensor], subject_values: Sequence[torch.Tensor], scale: float) -> None:
-        if "contribution" in self.kinds:
-            b = state.record_batch_index
-            q = query[b].float()
-            keys = torch.cat([k[b].float() for k in subject_keys], dim=1)
-            probs = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-            pieces = probs.split(subject_keys[0].shape[2], dim=-1)
-            norms = []
-            for piece, value in zip(pieces, subject_values):
-                out = piece @ value[b].float()  # [heads, N, d]: this subject's share of the joint output
-                norms.append((scale * out).transpose(0, 1).reshape(out.shape[1], -1).norm(dim=-1))
-            self._add(layer, "contribution", torch.stack(norms, dim=-1), state)
+    def add(self, layer: str, kind: str, values: torch.Tensor, grid: tuple[int, int]) -> None:
+        """One layer's map of one kind for the recorded sample: ``values`` is ``[h*w, items]`` on ``grid``
+        (items: subjects; for ``text``, all text tokens: the recorder keeps its words' columns)."""
+        self._inbox.append((layer, kind, values, grid))
 
     # --- aggregation -----------------------------------------------------------------------------
-    def _add(self, layer: str, kind: str, values: torch.Tensor, state: "DecoupledState") -> None:
-        """values: [N, items] for one layer, on its grid; summed per key (as [N, items]) until the step ends."""
-        layout = state.grid_layout(values.shape[0])
-        grid = (layout.height, layout.width)
-        policy = self.config.policy
-        key = layer if policy == "layer" else f"{grid[0]}x{grid[1]}" if policy == "resolution" else "mean"
-        self.maps.layer_grids.setdefault(layer, grid)
-        pending = self._pending.get((kind, key))
-        if pending is None:
-            self._pending[(kind, key)] = [values, 1, grid]
-            return
-        total, count, pending_grid = pending
-        if grid != pending_grid:  # only under "mean": bring both to the larger grid
-            if grid[0] * grid[1] > pending_grid[0] * pending_grid[1]:
-                total, pending_grid = _resize_rows(total, pending_grid, grid), grid
-            else:
-                values = _resize_rows(values, grid, pending_grid)
-        self._pending[(kind, key)] = [total + values, count + 1, pending_grid]
-
     def _flush(self) -> None:
-        for (kind, key), (total, count, grid) in self._pending.items():
-            maps = (total / count).transpose(0, 1).reshape(-1, *grid)  # [items, h, w]
-            self.maps._store(kind, self.step, key, grid, maps.to("cpu", torch.float16))
-        self._pending.clear()
+        inbox, self._inbox = self._inbox, []
+        if not inbox or self.step < 0:
+            return
+        policy = self.config.policy
+        pending: dict[tuple[str, str], list] = {}  # (kind, key) -> [sum [N, items], count, grid]
+        for layer, kind, values, grid in inbox:
+            if kind == "text":
+                values = torch.stack([values[:, indices].sum(-1) for indices in self.word_tokens.values()], dim=-1)
+            key = layer if policy == "layer" else f"{grid[0]}x{grid[1]}" if policy == "resolution" else "mean"
+            self.maps.layer_grids.setdefault(layer, grid)
+            if (kind, key) not in pending:
+                pending[(kind, key)] = [values, 1, grid]
+                continue
+            total, count, pending_grid = pending[(kind, key)]
+            if grid != pending_grid:  # only under "mean": bring both to the larger grid
+                if grid[0] * grid[1] > pending_grid[0] * pending_grid[1]:
+                    total, pending_grid = _resize_rows(total, pending_grid, grid), grid
+                else:
+                    values = _resize_rows(values, grid, pending_grid)
+            pending[(kind, key)] = [total + values, count + 1, pending_grid]
+        step_maps = {
+            (kind, key): ((total / count).transpose(0, 1).reshape(-1, *grid).to("cpu", torch.float16), grid)
+            for (kind, key), (total, count, grid) in pending.items()
+        }
+        self.maps._store_step(self.step, step_maps)
 
 
 def _resize_rows(rows: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
@@ -221,20 +197,29 @@ class AttentionMaps:
     layer_grids: dict[str, tuple[int, int]] = field(default_factory=dict)
     dropped: list[tuple[str, int, str]] = field(default_factory=list)
     nbytes: int = 0
+    averaged_steps: list[int] = field(default_factory=list, compare=False)
 
-    def _store(self, kind: str, step: int, key: str, grid: tuple[int, int], maps: torch.Tensor) -> None:
-        size = maps.numel() * maps.element_size()
+    def _store_step(self, step: int, step_maps: dict[tuple[str, str], tuple[torch.Tensor, tuple[int, int]]]) -> None:
+        """Stores one step's maps, ``{(kind, key): (maps, grid)}``, whole, or drops them whole if they would
+        not fit the budget (so that every stored step averages the same layers)."""
+        size = sum(maps.numel() * maps.element_size() for maps, _ in step_maps.values())
         if self.nbytes + size > self.budget_bytes:
-            self.dropped.append((kind, step, key))
+            self.dropped.extend((kind, step, key) for kind, key in step_maps)
             return
-        self.entries[(kind, step, key)] = maps
-        self.grids[key] = grid
+        for (kind, key), (maps, grid) in step_maps.items():
+            self.entries[(kind, step, key)] = maps
+            self.grids[key] = grid
         self.nbytes += size
 
     # --- query API -------------------------------------------------------------------------------
     @property
     def steps(self) -> list[int]:
         return sorted({step for _, step, _ in self.entries})
+
+    @property
+    def dropped_steps(self) -> list[int]:
+        """Steps the budget dropped (whole: every kind and layer of such a step)."""
+        return sorted({step for _, step, _ in self.dropped})
 
     @property
     def keys(self) -> list[str]:
@@ -266,6 +251,9 @@ class AttentionMaps:
         ``(h, w)``. ``items``: subject (or word) names or indices. ``size``: output ``(height, width)``,
         default the largest selected grid; maps are upsampled bilinearly. Returns float32
         ``[items, H, W]``, or ``[steps, items, H, W]`` with ``per_step=True``.
+
+        After each call, :attr:`averaged_steps` lists the steps it averaged (or stacked): steps dropped
+        by the budget (:attr:`dropped_steps`) are never among them.
         """
         if kind not in self.kinds:
             raise ValueError(f"{kind!r} maps were not recorded; recorded kinds: {self.kinds}.")
@@ -284,6 +272,7 @@ class AttentionMaps:
                 raise ValueError(f"No {kind!r} maps recorded at step {step} for keys {keys} (dropped by the budget?).")
             per_step_maps.append(torch.stack(layer_maps).mean(0))
         stacked = torch.stack(per_step_maps)
+        self.averaged_steps = list(selected_steps)
         result = stacked if per_step else stacked.mean(0)
         return result.numpy().astype(np.float32)
 
@@ -306,11 +295,17 @@ class AttentionMaps:
         if steps is None:
             return recorded
         if isinstance(steps, slice):
-            return recorded[steps]
+            selected = recorded[steps]
+            if not selected:
+                raise ValueError(f"steps={steps} selects none of the recorded steps {recorded}.")
+            return selected
         wanted = [steps] if isinstance(steps, int) else list(steps)
+        if not wanted:
+            raise ValueError(f"steps=[] selects no step; recorded steps: {recorded}.")
         missing = [s for s in wanted if s not in recorded]
         if missing:
-            raise ValueError(f"Steps {missing} were not recorded; recorded steps: {recorded[0]}..{recorded[-1]}.")
+            dropped = f" (dropped by the budget: {self.dropped_steps})" if self.dropped_steps else ""
+            raise ValueError(f"Steps {missing} were not recorded; recorded steps: {recorded}{dropped}.")
         return wanted
 
     def _select_items(self, kind: str, items: Sequence[int | str] | None) -> list[int]:

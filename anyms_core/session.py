@@ -11,14 +11,21 @@ Hooks are global state (TransformerLens's lesson): everything installed here is 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from .layout import PRIORITY_RULES, Subject, paint_order, subject_names, validate_subjects
-from .processor import AnyMSAttnProcessor, DecoupledState, check_variant, replaceable_processors, sequence_of_floats
+from .processor import AnyMSAttnProcessor, DecoupledState, replaceable_processors, sequence_of_floats
 from .recording import AttentionMaps, AttentionRecorder, RecordConfig, find_word_tokens
+from .variants import check_variant
+
+# UNets (by id) that have a session open right now. One session per pipeline: a second one (nested, or
+# from another thread) is refused before it touches anything, so the first restores exactly what it found.
+_OPEN_SESSIONS: set[int] = set()
+_OPEN_SESSIONS_LOCK = threading.Lock()
 
 
 class DecoupledSession:
@@ -107,28 +114,37 @@ def decoupled(
         state.recorder = recorder
 
     unet = pipe.unet
-    original = dict(unet.attn_processors)
-    replaced = {
-        name: AnyMSAttnProcessor(stock[name.removesuffix(".processor")], name.removesuffix(".processor"), state)
-        if name.removesuffix(".processor") in stock else processor
-        for name, processor in original.items()
-    }
-
-    def before_unet(module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        state.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        # Record the first conditional sample: the second half of the batch under classifier-free guidance.
-        cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        state.record_batch_index = sample.shape[0] // 2 if cfg and sample.shape[0] > 1 else 0
-        if recorder is not None:
-            recorder.begin_step()
-
-    handle = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+    with _OPEN_SESSIONS_LOCK:
+        if id(unet) in _OPEN_SESSIONS or any(isinstance(p, AnyMSAttnProcessor) for p in unet.attn_processors.values()):
+            raise RuntimeError(
+                "This pipeline already has an AnyMS session open (decoupled() cannot nest or run from two threads "
+                "on one pipeline); leave the first `with` block before opening another."
+            )
+        _OPEN_SESSIONS.add(id(unet))
     try:
-        unet.set_attn_processor(replaced)
-        yield DecoupledSession(subjects, state, recorder)
+        original = dict(unet.attn_processors)
+        replaced = {
+            name: AnyMSAttnProcessor(stock[name.removesuffix(".processor")], name.removesuffix(".processor"), state)
+            if name.removesuffix(".processor") in stock else processor
+            for name, processor in original.items()
+        }
+
+        @torch._dynamo.disable  # layout tensors are built here, outside any compiled graph
+        def before_unet(module, args, kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            state.prepare(sample.shape[-2:], sample.device, sample.dtype)
+            if recorder is not None:
+                recorder.begin_step(sample.shape[0], guided=bool(getattr(pipe, "do_classifier_free_guidance", False)))
+
+        handle = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+        try:
+            unet.set_attn_processor(replaced)
+            yield DecoupledSession(subjects, state, recorder)
+        finally:
+            handle.remove()
+            unet.set_attn_processor(original)
+            if recorder is not None:
+                recorder.finish()
     finally:
-        handle.remove()
-        unet.set_attn_processor(original)
-        if recorder is not None:
-            recorder.finish()
+        with _OPEN_SESSIONS_LOCK:
+            _OPEN_SESSIONS.discard(id(unet))

@@ -13,7 +13,6 @@ import warnings
 
 import torch
 
-from anyms_core.processor import DecoupledState
 from anyms_core.recording import AttentionRecorder, RecordConfig
 
 LAYERS = [(f"down_blocks.1.attentions.{i // 2}.transformer_blocks.{i % 2}.attn2", 64) for i in range(4)] + \
@@ -21,21 +20,18 @@ LAYERS = [(f"down_blocks.1.attentions.{i // 2}.transformer_blocks.{i % 2}.attn2"
          [(f"down_blocks.2.attentions.{i // 10}.transformer_blocks.{i % 10}.attn2", 32) for i in range(20)] + \
          [(f"mid_block.attentions.0.transformer_blocks.{i}.attn2", 32) for i in range(10)] + \
          [(f"up_blocks.0.attentions.{i // 10}.transformer_blocks.{i % 10}.attn2", 32) for i in range(30)]
-BOXES = [[0.02, 0.1, 0.35, 0.6], [0.3, 0.05, 0.65, 0.5], [0.6, 0.1, 0.98, 0.6], [0.05, 0.55, 0.5, 0.95], [0.45, 0.5, 0.95, 0.95]]
 
 
 def main() -> None:
     assert len(LAYERS) == 70
-    state = DecoupledState(variant="anyms", boxes=BOXES, paint_order=list(range(5)))
-    state.latent_size = (128, 128)
     print("SDXL 1024x1024, 30 steps, 5 subjects, kinds affinity + contribution, budget 64 MB")
     for policy in ("resolution", "mean", "layer"):
         recorder = AttentionRecorder(RecordConfig(policy=policy), [f"s{i}" for i in range(5)], {})
         for _ in range(30):
-            recorder.begin_step()
+            recorder.begin_step(batch_size=2, guided=True)
             for name, side in LAYERS:
                 for kind in ("affinity", "contribution"):
-                    recorder._add(name, kind, torch.rand(side * side, 5), state)
+                    recorder.add(name, kind, torch.rand(side * side, 5), (side, side))
         with warnings.catch_warnings(record=True):
             maps = recorder.finish()
         default = " (default)" if policy == RecordConfig().policy else ""

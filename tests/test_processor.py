@@ -136,3 +136,29 @@ def test_anyms_per_subject_scales_match_mask_outside_overlaps(layer):
     mask = as_grid(run(layer, "mask", scales=scales))
     assert torch.equal(anyms[:, coverage == 1], mask[:, coverage == 1])
     assert not torch.equal(anyms, as_grid(run(layer, "anyms")))
+
+
+def test_each_variant_is_one_named_function_chosen_once():
+    import anyms_core
+    from anyms_core import processor, variants
+
+    expected = {"anyms": processor.crop_and_merge, "mask": processor.masked_sum, "none": processor.global_sum,
+                "joint": processor.joint_softmax, "text": None}
+    for variant in variants.VARIANTS:
+        assert DecoupledState(variant=variant, boxes=BOXES, paint_order=[0, 1, 2]).image_branch is expected[variant]
+    assert anyms_core.VARIANTS is variants.VARIANTS is processor.VARIANTS
+    for bad in ("crop", "ANYMS", None, 3):
+        with pytest.raises(ValueError, match="Unknown AnyMS variant"):
+            DecoupledState(variant=bad, boxes=BOXES, paint_order=[0, 1, 2])
+
+
+def test_layout_tensors_are_built_once_per_latent_size():
+    state = DecoupledState(variant="anyms", boxes=BOXES, paint_order=[0, 1, 2])
+    state.latent_size = (HEIGHT, WIDTH)
+    level = state.levels[HEIGHT * WIDTH]
+    assert set(state.levels) == {120, 30, 9, 4, 1}  # 12x10, 6x5, 3x3, 2x2, 1x1
+    state.prepare((HEIGHT, WIDTH))
+    assert state.levels[HEIGHT * WIDTH] is level
+    assert level.crop.shape[1] >= 2 and level.merge.shape == (HEIGHT * WIDTH,)
+    one_cell = state.levels[1]  # every box covers the single cell: crops padded to two rows
+    assert one_cell.crop.shape == (3, 2) and one_cell.merge.tolist() == [2 * 2]  # subject 2 owns it, row 0 of its crop

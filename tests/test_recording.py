@@ -82,15 +82,28 @@ def test_affinity_matches_an_explicit_reference_computation(tiny_sdxl):
     torch.testing.assert_close(recorded, expected, atol=1e-3, rtol=0)  # fp16 storage
 
 
-def test_budget_is_never_exceeded_and_drops_are_reported(tiny_sdxl):
-    budget = 20_000
-    with pytest.warns(UserWarning, match="dropped"):
+def test_budget_keeps_or_drops_whole_steps_and_maps_says_which(tiny_sdxl):
+    full = AnyMS(tiny_sdxl).generate("a photo", subjects(), num_inference_steps=4, height=64, width=64,
+                                     record=RecordConfig(policy="layer")).attention
+    per_step = full.nbytes // 4
+    budget = int(2.5 * per_step)  # room for two whole steps and half of a third
+    with pytest.warns(UserWarning, match=r"dropped steps \[2, 3\] whole"):
         run = AnyMS(tiny_sdxl).generate("a photo", subjects(), num_inference_steps=4, height=64, width=64,
                                         record=RecordConfig(policy="layer", budget_bytes=budget))
     maps = run.attention
-    assert 0 < maps.nbytes <= budget
+    assert maps.nbytes == 2 * per_step <= budget
     assert sum(t.numel() * t.element_size() for t in maps.entries.values()) == maps.nbytes
-    assert maps.dropped
+    assert maps.steps == [0, 1] and maps.dropped_steps == [2, 3]
+    assert len(maps.dropped) == len(maps.entries)  # two steps dropped whole, two kept whole
+    for step in maps.steps:  # every kept step has every layer of every kind
+        assert {(k, key) for k, s, key in maps.entries if s == step} == {(k, key) for k, s, key in full.entries if s == step}
+    averaged = maps.maps("affinity")
+    assert maps.averaged_steps == [0, 1]
+    assert np.array_equal(averaged, full.maps("affinity", steps=[0, 1]))
+    with pytest.raises(ValueError, match="dropped by the budget"):
+        maps.maps("affinity", steps=[3])
+    with pytest.raises(ValueError, match="selects no step"):
+        maps.maps("affinity", steps=[])
     assert all(t.dtype == torch.float16 and t.device.type == "cpu" for t in maps.entries.values())
 
 

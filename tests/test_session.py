@@ -119,10 +119,10 @@ def test_pipelines_and_adapters(family, adapter):
 def test_batches_and_guidance_off(tiny_sdxl):
     with decoupled(tiny_sdxl, subjects(2), record=True) as session:
         batch = generate(tiny_sdxl, session.ip_adapter_image, num_images_per_prompt=2)
-    assert batch.shape[0] == 2 and session.state.record_batch_index == 2
+    assert batch.shape[0] == 2 and session.recorder.batch_index == 2
     with decoupled(tiny_sdxl, subjects(2), record=True) as session:
         single = generate(tiny_sdxl, session.ip_adapter_image, guidance_scale=1.0)
-    assert single.shape[0] == 1 and session.state.record_batch_index == 0
+    assert single.shape[0] == 1 and session.recorder.batch_index == 0
     assert session.attention.maps("affinity").shape[0] == 2
 
 
@@ -193,3 +193,62 @@ def test_bad_session_inputs(tiny_sdxl):
     with pytest.raises(ValueError, match="no IP-Adapter loaded"):
         with decoupled(tiny_sd15_pipeline(ip_adapter=None), subjects(1)):
             pass
+
+
+def test_second_session_on_one_pipeline_is_refused_and_the_first_restores(tiny_sdxl):
+    before = dict(tiny_sdxl.unet.attn_processors)
+    plain = generate(tiny_sdxl, [[s.image for s in subjects(2)]])
+    with decoupled(tiny_sdxl, subjects(2)) as session:
+        installed = dict(tiny_sdxl.unet.attn_processors)
+        with pytest.raises(RuntimeError, match="already has an AnyMS session open"):
+            with decoupled(tiny_sdxl, subjects(2), variant="mask"):
+                pass
+        assert tiny_sdxl.unet.attn_processors == installed  # the refused session touched nothing
+        generate(tiny_sdxl, session.ip_adapter_image)
+    assert tiny_sdxl.unet.attn_processors == before and not tiny_sdxl.unet._forward_pre_hooks
+    assert np.array_equal(generate(tiny_sdxl, [[s.image for s in subjects(2)]]), plain)
+    with decoupled(tiny_sdxl, subjects(2)):  # and a session can be opened again afterwards
+        pass
+
+
+def test_a_second_thread_is_refused_while_a_session_is_open(tiny_sdxl):
+    import threading
+
+    before = dict(tiny_sdxl.unet.attn_processors)
+    plain = generate(tiny_sdxl, [[s.image for s in subjects(2)]])
+    entered, release, results = threading.Event(), threading.Event(), {}
+
+    def first():
+        with decoupled(tiny_sdxl, subjects(2)) as session:
+            entered.set()
+            release.wait(timeout=60)
+            results["first"] = generate(tiny_sdxl, session.ip_adapter_image)
+
+    def second():
+        entered.wait(timeout=60)
+        try:
+            with decoupled(tiny_sdxl, subjects(2), variant="mask"):
+                results["second"] = "ran"
+        except RuntimeError as error:
+            results["second"] = error
+        finally:
+            release.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert isinstance(results["second"], RuntimeError)
+    assert "already has an AnyMS session open" in str(results["second"])
+    with decoupled(tiny_sdxl, subjects(2)) as session:
+        assert np.array_equal(results["first"], generate(tiny_sdxl, session.ip_adapter_image))  # the first was undisturbed
+    assert tiny_sdxl.unet.attn_processors == before and not tiny_sdxl.unet._forward_pre_hooks
+    assert np.array_equal(generate(tiny_sdxl, [[s.image for s in subjects(2)]]), plain)
+
+
+def test_each_session_records_its_own_steps_from_zero(tiny_sdxl):
+    for _ in range(2):
+        with decoupled(tiny_sdxl, subjects(2), record=True) as session:
+            generate(tiny_sdxl, session.ip_adapter_image)
+        assert session.attention.steps == [0, 1, 2]
