@@ -217,6 +217,8 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 recorder.add(self.layer_name, "contribution", contribution, grid)
             if recorder is not None and "affinity" in recorder.kinds:
                 recorder.add(self.layer_name, "affinity", subject_affinity(query[row], image_key[row], num_subjects), grid)
+            if recorder is not None and "joint_share" in recorder.kinds:
+                recorder.add(self.layer_name, "joint_share", joint_share(query[row], image_key[row], num_subjects), grid)
 
         # --- Output projection, exactly as in diffusers' processor ---------------------------------
         hidden_states = attn.to_out[0](hidden_states)
@@ -332,7 +334,23 @@ def attention_probabilities(query: torch.Tensor, key: torch.Tensor) -> torch.Ten
 
 
 def subject_affinity(query: torch.Tensor, image_key: torch.Tensor, num_subjects: int) -> torch.Tensor:
-    """Each subject's share of a joint softmax over all subjects' tokens, averaged over heads: [N, S]."""
+    """Where each subject's tokens look: for every token (and head), a softmax over the positions of
+    Q K^T / sqrt(d), averaged over the subject's tokens and the heads, times N so that 1 is uniform: [N, S].
+
+    Normalised over space (as DAAM does per word), so it is blind to a per-subject offset of the logits,
+    which single-subject adapter training never fixes (see ``joint_share``)."""
+    logits = (query @ image_key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5  # [heads, N, S*T]
+    over_space = torch.softmax(logits, dim=-2)
+    return over_space.unflatten(-1, (num_subjects, -1)).mean(-1).mean(0) * query.shape[-2]
+
+
+def joint_share(query: torch.Tensor, image_key: torch.Tensor, num_subjects: int) -> torch.Tensor:
+    """Each subject's share of one softmax over all subjects' tokens, averaged over heads: [N, S].
+
+    Exactly the mixing weights of the ``joint`` variant. For the other variants it compares logits of
+    subjects that the adapter never saw together: adding a constant to one subject's logits changes
+    nothing a single-subject adapter was trained on, so this share carries an arbitrary per-subject
+    offset and must not be read as "where a position wants the subject"."""
     return attention_probabilities(query, image_key).unflatten(-1, (num_subjects, -1)).sum(-1).mean(0)
 
 

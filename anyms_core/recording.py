@@ -8,8 +8,16 @@ figures read.
 
 Kinds of map, per subject and position:
 
-- ``affinity``: the subject's share of a joint softmax over all subjects' image tokens: where each
-  position "wants" each subject, whatever the variant allows. Sums to 1 over subjects.
+- ``affinity``: where the subject's reference tokens look in the image: for each of its tokens, a
+  softmax over all positions of the query-key logits (as DAAM does per word), averaged over its tokens
+  and the heads, times the number of positions (so 1 = uniform, > 1 = above chance). Computed for every
+  position whatever the variant allows, so it shows where a subject "would go" and how that changes
+  over the steps.
+- ``joint_share``: the subject's share of one softmax over all subjects' image tokens (sums to 1 over
+  subjects). It is exactly the mixing weight of the ``joint`` variant; for other variants it compares
+  subjects whose logits were never trained against each other (an adapter trained on one subject at a
+  time is blind to a per-subject logit offset), so it is no measure of preference. This was the
+  toolkit's first ``affinity``; in the toy world it read backwards (lowest inside a subject's own box).
 - ``contribution``: the L2 norm of what the subject actually injects at each position under the
   variant (for ``anyms``: zero outside the cells it owns).
 - ``text``: DAAM-style text cross-attention probability of chosen prompt words (summed over a word's
@@ -28,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-KINDS = ("affinity", "contribution", "text")
+KINDS = ("affinity", "joint_share", "contribution", "text")
 POLICIES = ("layer", "resolution", "mean")
 DEFAULT_BUDGET_BYTES = 64 * 2**20
 
@@ -184,7 +192,7 @@ class AttentionMaps:
     """Recorded attention: ``entries[(kind, step, key)] = fp16 tensor [items, h, w]`` on the CPU.
 
     ``key`` is a layer name (policy ``layer``), a grid like ``"32x32"`` (``resolution``) or ``"mean"``.
-    Items are ``subjects`` for ``affinity`` / ``contribution`` and ``words`` for ``text``.
+    Items are ``subjects`` for ``affinity`` / ``joint_share`` / ``contribution`` and ``words`` for ``text``.
     """
 
     kinds: list[str]

@@ -20,7 +20,7 @@ def subjects():
 @pytest.fixture(scope="module")
 def recorded_run(tiny_sdxl):
     return AnyMS(tiny_sdxl).generate("a photo of a dog", subjects(), num_inference_steps=3, height=64, width=96,
-                                     record={"kinds": ["affinity", "contribution"], "words": ["dog"], "policy": "layer"})
+                                     record={"kinds": ["affinity", "joint_share", "contribution"], "words": ["dog"], "policy": "layer"})
 
 
 def test_shapes_and_names(recorded_run):
@@ -37,10 +37,13 @@ def test_shapes_and_names(recorded_run):
     assert only_up.shape == (2, 32, 48)
 
 
-def test_affinity_sums_to_one_over_subjects(recorded_run):
+def test_joint_share_sums_to_one_over_subjects_and_affinity_averages_one_over_space(recorded_run):
     for key in recorded_run.attention.keys:
-        total = recorded_run.attention.entries[("affinity", 0, key)].float().sum(0)
+        total = recorded_run.attention.entries[("joint_share", 0, key)].float().sum(0)
         torch.testing.assert_close(total, torch.ones_like(total), atol=2e-3, rtol=0)
+        affinity = recorded_run.attention.entries[("affinity", 0, key)].float()  # [S, h, w]
+        mean = affinity.mean(dim=(1, 2))
+        torch.testing.assert_close(mean, torch.ones_like(mean), atol=2e-3, rtol=0)
 
 
 def test_contribution_is_zero_outside_owned_cells(recorded_run):
@@ -54,14 +57,15 @@ def test_contribution_is_zero_outside_owned_cells(recorded_run):
             assert (contribution[subject][owner == subject] > 0).all()
 
 
-def test_affinity_matches_an_explicit_reference_computation(tiny_sdxl):
-    """Recompute one layer's affinity by hand from the layer's weights (guards against precedence slips)."""
+def test_affinity_and_joint_share_match_an_explicit_reference_computation(tiny_sdxl):
+    """Recompute one layer's maps by hand from the layer's weights (guards against precedence slips)."""
     name = next(n for n in tiny_sdxl.unet.attn_processors if n.endswith("attn2.processor")).removesuffix(".processor")
     attn = tiny_sdxl.unet.get_submodule(name)
     captured = {}
     handle = attn.register_forward_pre_hook(lambda m, args, kwargs: captured.update(kwargs=kwargs, args=args), with_kwargs=True)
+    record = {"kinds": ["affinity", "joint_share"], "policy": "layer", "layers": [name]}
     try:
-        with decoupled(tiny_sdxl, subjects(), record={"kinds": ["affinity"], "policy": "layer", "layers": [name]}) as session:
+        with decoupled(tiny_sdxl, subjects(), record=record) as session:
             tiny_sdxl("a photo", ip_adapter_image=session.ip_adapter_image, num_inference_steps=1, height=64, width=64,
                       generator=torch.Generator().manual_seed(0), output_type="np")
     finally:
@@ -76,10 +80,18 @@ def test_affinity_matches_an_explicit_reference_computation(tiny_sdxl):
         heads = attn.heads
         q = query.view(-1, heads, query.shape[-1] // heads).transpose(0, 1)
         k = keys.view(-1, heads, query.shape[-1] // heads).transpose(0, 1)
-        probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)  # softmax over keys
-        expected = probs.view(heads, -1, 2, images.shape[2]).sum(-1).mean(0).T  # [S, N]
-    recorded = session.attention.entries[("affinity", 0, name)].float().flatten(1)
-    torch.testing.assert_close(recorded, expected, atol=1e-3, rtol=0)  # fp16 storage
+        logits = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [heads, N, S*T]
+        tokens = images.shape[2]
+        share = torch.softmax(logits, dim=-1).view(heads, -1, 2, tokens).sum(-1).mean(0).T  # over keys: [S, N]
+        where = torch.softmax(logits, dim=1).view(heads, -1, 2, tokens).mean(-1).mean(0).T * q.shape[1]  # over space
+    torch.testing.assert_close(session.attention.entries[("joint_share", 0, name)].float().flatten(1), share, atol=1e-3, rtol=0)
+    torch.testing.assert_close(session.attention.entries[("affinity", 0, name)].float().flatten(1), where, atol=2e-3, rtol=1e-3)
+    # a constant added to one subject's logits changes the joint share but not the affinity
+    shifted = logits.clone()
+    shifted[..., :tokens] += 3.0
+    moved = torch.softmax(shifted, dim=-1).view(heads, -1, 2, tokens).sum(-1).mean(0).T
+    kept = torch.softmax(shifted, dim=1).view(heads, -1, 2, tokens).mean(-1).mean(0).T * q.shape[1]
+    assert not torch.allclose(moved, share, atol=1e-2) and torch.allclose(kept, where, atol=1e-5)
 
 
 def test_budget_keeps_or_drops_whole_steps_and_maps_says_which(tiny_sdxl):
@@ -113,7 +125,7 @@ def test_policies_aggregate(tiny_sdxl):
         run = AnyMS(tiny_sdxl).generate("a photo", subjects(), num_inference_steps=2, height=64, width=64,
                                         record={"policy": policy, "kinds": ["affinity"]})
         sizes[policy] = (len(run.attention.keys), run.attention.nbytes)
-        np.testing.assert_allclose(run.attention.maps("affinity").sum(0), 1.0, atol=3e-3)
+        np.testing.assert_allclose(run.attention.maps("affinity").mean(axis=(1, 2)), 1.0, rtol=0.02)
     assert sizes["mean"][0] == 1 and sizes["resolution"][0] == 2 and sizes["layer"][0] > 2
     assert sizes["mean"][1] < sizes["resolution"][1] < sizes["layer"][1]
 

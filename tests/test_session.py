@@ -108,7 +108,7 @@ def test_pipelines_and_adapters(family, adapter):
     run = AnyMS(pipe).generate("a photo", subjects(2), num_inference_steps=2, height=64, width=64)
     assert run.image.size == (64, 64)
     affinity = run.attention.maps("affinity")
-    np.testing.assert_allclose(affinity.sum(0), 1.0, atol=2e-3)
+    np.testing.assert_allclose(affinity.mean(axis=(1, 2)), 1.0, rtol=0.02)  # 1 = uniform over positions
     # "plus" adapters give 16 tokens per subject: the projection output says so
     with decoupled(pipe, subjects(2)) as session:
         embeds = pipe.prepare_ip_adapter_image_embeds(session.ip_adapter_image, None, "cpu", 1, True)
