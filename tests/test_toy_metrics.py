@@ -11,22 +11,25 @@ def _means(scores):
 
 
 def test_rendered_scenes_are_the_ceiling():
-    for n in (2, 5):
+    for n in (2, 5, 7):
         cases = world.make_cases(n, 12, seed=0)
         m = _means([metrics.score_case(c.render(), c) for c in cases])
         assert m["placed"] == 1.0 and m["ap50"] == 1.0 and m["background"] == 1.0
         assert m["identity"] >= 0.95 and m["iou"] >= 0.8
+        assert m["fidelity"] >= 0.8
 
 
 def test_pure_noise_scores_near_zero():
     rng = np.random.default_rng(0)
     cases = world.make_cases(3, 12, seed=0)
-    uniform = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in cases]
-    gauss = [Image.fromarray((np.clip(0.5 + 0.5 * rng.standard_normal((32, 32, 3)), 0, 1) * 255).astype(np.uint8)) for _ in cases]
+    uniform = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in cases]
+    gauss = [Image.fromarray((np.clip(0.5 + 0.5 * rng.standard_normal((64, 64, 3)), 0, 1) * 255).astype(np.uint8)) for _ in cases]
     for images in (uniform, gauss):
         m = _means([metrics.score_case(im, c) for im, c in zip(images, cases)])
         assert m["placed"] == 0.0 and m["ap50"] == 0.0 and m["background"] == 0.0
-        assert m["iou"] < 0.02 and m["identity"] < 0.05
+        assert m["iou"] < 0.02 and not m["identity"] > 0  # nothing placed: identity is undefined (nan)
+        assert m["fidelity"] < 0.05
+        assert m["artefact"] > 20 * _means([metrics.score_case(c.render(), c) for c in cases])["artefact"]
 
 
 def test_empty_background_is_recognised_but_places_nothing():
@@ -48,3 +51,33 @@ def test_box_iou():
     assert metrics.box_iou([0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]) == 1.0
     assert metrics.box_iou([0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]) == 0.0
     assert abs(metrics.box_iou([0, 0, 0.5, 0.5], [0.25, 0, 0.75, 0.5]) - 1 / 3) < 1e-9
+
+
+def test_overlap_ownership_follows_the_painting_order():
+    """Rendered with the priority subject on top, it owns every overlap; painted the other way, none."""
+    cases = world.make_cases(2, 12, seed=0, overlap=True) + world.make_cases(3, 12, seed=0, overlap=True)
+    right = [metrics.score_case(c.render(), c) for c in cases]
+    assert _means(right)["overlap_color_owned"] == 1.0
+    wrong = []
+    for c in cases:
+        order = c.paint_order()[::-1]  # priority subject at the bottom
+        subjects = c.subjects
+        wrong.append(metrics.score_case(world.render_scene(c.background, [subjects[i] for i in order], seed=c.seed), c))
+    assert _means(wrong)["overlap_color_owned"] == 0.0
+
+
+def test_a_blend_of_two_subjects_is_not_owned():
+    """What mask-only does in an overlap (a sum of both subjects) is owned by neither."""
+    case = world.make_cases(2, 1, seed=0, overlap=True)[0]
+    a = np.asarray(world.render_scene(case.background, [case.subjects[0]], seed=case.seed)).astype(float)
+    b = np.asarray(world.render_scene(case.background, [case.subjects[1]], seed=case.seed)).astype(float)
+    blend = Image.fromarray(((a + b) / 2).round().astype(np.uint8))
+    score = metrics.score_case(blend, case)
+    assert score["overlaps"] and not any(o["color_owned"] for o in score["overlaps"])
+
+
+def test_artefact_energy_measures_the_2x2_alternating_pattern():
+    flat = np.full((64, 64, 3), 0.5)
+    checker = flat + 0.1 * ((np.indices((64, 64)).sum(0) % 2) * 2 - 1)[..., None]
+    assert metrics.artefact_energy(flat) == 0.0
+    assert abs(metrics.artefact_energy(checker) - 0.04) < 1e-6  # ((4 * 0.1) / 2)^2

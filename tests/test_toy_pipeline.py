@@ -30,9 +30,11 @@ def _weights_dirs(random_weights):
 def test_fold_is_an_exact_rotation_of_pixel_space():
     x = torch.randn(2, 3, 32, 64)
     latents = toy_pipeline.fold(x)
-    assert latents.shape == (2, 12, 16, 32)
+    assert latents.shape == (2, 48, 8, 16)
     assert torch.allclose(toy_pipeline.unfold(latents), x, atol=1e-5)
     assert torch.allclose(latents.norm(), x.norm(), rtol=1e-5)  # Gaussian noise stays white
+    flat = toy_pipeline.fold(torch.full((1, 3, 8, 8), 0.5))
+    assert torch.allclose(flat.view(1, 3, 16, 2, 2)[:, :, 1:], torch.zeros(1, 3, 15, 2, 2), atol=1e-6)  # flat = LL band only
 
 
 def test_loads_offline_with_stock_ip_adapter_processors(random_weights):
@@ -64,7 +66,7 @@ def test_generation_is_deterministic_and_multi_image_reaches_processors(random_w
     finally:
         type(processor).__call__ = original
     c = pipe(generator=torch.Generator().manual_seed(2), **kwargs).images
-    assert a.shape == (1, 32, 32, 3) and 0 <= a.min() and a.max() <= 1
+    assert a.shape == (1, 64, 64, 3) and 0 <= a.min() and a.max() <= 1
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     text, ip = seen[0]
     assert text[0] == 2 and ip[:2] == (2, 2) and ip[2] == 4  # [uncond; cond], 2 images, 4 tokens each
@@ -72,13 +74,13 @@ def test_generation_is_deterministic_and_multi_image_reaches_processors(random_w
 
 def test_preview_from_latents_and_call_signature(random_weights):
     pipe = toy_pipeline.load_toy_pipeline(random_weights)
-    preview = pipe.preview_from_latents(torch.zeros(1, 12, 16, 16))
-    assert preview.shape == (1, 3, 32, 32) and torch.allclose(preview, torch.full_like(preview, 0.5))
+    preview = pipe.preview_from_latents(torch.zeros(1, 48, 16, 16))
+    assert preview.shape == (1, 3, 64, 64) and torch.allclose(preview, torch.full_like(preview, 0.5))
     steps = []
     out = pipe(
         "a photo at night", ip_adapter_image=[[world.sprite_reference("lime square")]], num_inference_steps=2,
         guidance_scale=1.0, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}, output_type="pil",
     )
-    assert steps == [0, 1] and out.images[0].size == (32, 32)
+    assert steps == [0, 1] and out.images[0].size == (64, 64)
     with pytest.raises(ValueError, match="multiples"):
         pipe("a photo on sand", height=30, ip_adapter_image=[[world.sprite_reference("red square")]])

@@ -10,19 +10,22 @@ from anyms_core.toy.pipeline import fold, load_toy_pipeline
 
 def test_batches_are_well_formed():
     g = torch.Generator().manual_seed(0)
-    images, prompts = train.stage1_batch(8, 32, g, "cpu")
-    assert images.shape == (8, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    images, prompts = train.stage1_batch(16, 64, g, "cpu")
+    assert images.shape == (16, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    vocabulary = set(world.VOCABULARY_WORDS)
+    assert all(set(p.split()) <= vocabulary for p in prompts)  # the base learns sprites by name
+    assert any(any(shape in p for shape in world.SHAPES) for p in prompts)
     table = train.prompt_table()
-    assert prompts.max() < len(table) and all("things" not in table[i] or True for i in prompts)
-    images, prompts, refs, keep = train.stage2_batch(8, 32, g, "cpu")
-    assert refs.shape == (8, 3, 32, 32) and keep.dtype == torch.bool
-    # stage-2 prompts never mention sprites: identity must come from the reference
-    assert all("things" not in table[i] for i in prompts.tolist())
+    images, prompts, refs, keep = train.stage2_batch(8, 64, g, "cpu")
+    assert images.shape == (8, 3, 64, 64) and refs.shape == (8, 3, 32, 32) and keep.dtype == torch.bool
+    # stage-2 prompts never name a sprite: identity must come from the reference
+    names = set(world.SHAPES) | set(world.COLOR_NAMES)
+    assert all(not (set(table[i].split()) & names) for i in prompts.tolist())
 
 
 def test_trains_resumes_and_exports(tmp_path):
     out = tmp_path / "run"
-    common = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--batch-size", "4",
+    common = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--batch-size", "4", "--size", "32",
               "--check-images", "0", "--log-every", "1"]
     first = train.main(common + ["--session-steps", "4"])
     assert first.get("stopped_early") and (out / "checkpoint.pt").exists()
@@ -36,4 +39,4 @@ def test_trains_resumes_and_exports(tmp_path):
     pipe = load_toy_pipeline(out / "weights")
     image = pipe(world.DEFAULT_PROMPTS["snow"], ip_adapter_image=[[world.sprite_reference("red circle")]],
                  num_inference_steps=2).images[0]
-    assert image.size == (32, 32)
+    assert image.size == (64, 64)

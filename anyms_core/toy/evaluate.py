@@ -1,14 +1,16 @@
-"""Measure AnyMS in the toy world: placement, AP50, identity and background over held-out cases.
+"""Measure AnyMS in the toy world: placement, identity, overlaps, fidelity over held-out cases.
 
-    python -m anyms_core.toy.evaluate --subjects 2 3 4 5 --cases 100 \
-        --variants anyms mask none joint text --out results/toy_eval
+    python -m anyms_core.toy.evaluate --groups 2 3 4 5 6 7 overlap-2 overlap-3 --cases 100 \
+        --variants anyms mask none joint text --jobs 2 --out results/toy_eval
 
-For each subject count, `--cases` seeded cases (`world.make_cases`: layouts and seeds never used in
-training, which only ever sees single-sprite scenes) are generated through the public API
-`AnyMS(pipe).generate(...)` for every variant, and scored with `metrics.score_case`. Next to every
-variant the table shows the rendered scene (the ceiling: what a perfect generator would score) and the
-`text` variant (no subject images: the floor). Writes OUT.json (summaries with 95% bootstrap CIs, the
-exact command and settings) and OUT.md (the table).
+A group is a subject count (`world.make_cases(n)`: non-overlapping boxes, shortest side >= 1/8 of the
+image) or `overlap-N` (`world.make_cases(n, overlap=True)`: 2-3 subjects in a chain of boxes that
+overlap by 20-50% of the smaller one, explicit priorities, the priority subject listed first in half
+of the cases). Cases use seeds never used in training (which only ever sees single-sprite scenes).
+Every image is generated through the public API `AnyMS(pipe).generate(...)` and scored with
+`metrics.score_case`. Next to every variant the table shows the rendered scene (the ceiling: what a
+perfect generator would score) and the `text` variant (no subject images: the floor). Writes OUT.json
+(summaries with 95% bootstrap CIs, the exact command and settings) and OUT.md (the tables).
 """
 
 from __future__ import annotations
@@ -19,23 +21,35 @@ import math
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import metrics, world
 
-METRICS = ("iou", "placed", "ap50", "identity", "background", "all_placed")
+METRICS = ("placed", "iou", "identity", "shape", "ap50", "background", "all_placed", "fidelity", "artefact")
+SIZE_BUCKETS = ((0.125, 0.2), (0.2, 0.3), (0.3, 1.01))  # a box's shortest side, fraction of the image side
 
 
-def generate_case(anyms, case: world.Case, variant: str, steps: int | None, guidance: float | None, size: int):
+def group_cases(group: str, n_cases: int, seed: int) -> list[world.Case]:
+    """The cases of a group name: "3" (three subjects) or "overlap-2" (the overlap family, two subjects)."""
+    if group.startswith("overlap-"):
+        return world.make_cases(int(group.removeprefix("overlap-")), n_cases, seed=seed, overlap=True)
+    return world.make_cases(int(group), n_cases, seed=seed)
+
+
+def generate_case(anyms, case: world.Case, variant: str, steps: int | None = None, guidance: float | None = None,
+                  size: int = 64, ip_adapter_scale: float | None = None):
     """One image for one case and variant, through the public AnyMS API (seeded by the case)."""
     from anyms_core import Subject
 
+    priorities = case.priorities or [None] * len(case.sprites)
     subjects = [
-        Subject(image=ref, box=box, name=sprite.name)
-        for sprite, box, ref in zip(case.sprites, case.boxes, case.references)
+        Subject(image=ref, box=box, name=sprite.name, priority=priority)
+        for sprite, box, ref, priority in zip(case.sprites, case.boxes, case.references, priorities)
     ]
     run = anyms.generate(
         case.prompt,
@@ -44,6 +58,7 @@ def generate_case(anyms, case: world.Case, variant: str, steps: int | None, guid
         seed=case.seed,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        ip_adapter_scale=ip_adapter_scale,
         height=size,
         width=size,
         record=None,
@@ -52,62 +67,192 @@ def generate_case(anyms, case: world.Case, variant: str, steps: int | None, guid
     return run.image
 
 
+_WORKER: dict = {}
+
+
+def _init_worker(weights: str | None, threads: int) -> None:
+    torch.set_num_threads(threads)
+    from anyms_core import AnyMS
+
+    from .pipeline import load_toy_pipeline
+
+    _WORKER["anyms"] = AnyMS(load_toy_pipeline(weights))
+
+
+def _run_task(task: tuple) -> tuple:
+    """Generate and score one (group, variant) over its cases; returns scores, seconds, first images."""
+    group, variant, n_cases, seed, steps, guidance, scale, size, keep = task
+    scores, seconds, images = [], 0.0, []
+    for i, case in enumerate(group_cases(group, n_cases, seed)):
+        t0 = time.perf_counter()
+        image = generate_case(_WORKER["anyms"], case, variant, steps, guidance, size, scale)
+        seconds += time.perf_counter() - t0
+        scores.append(metrics.score_case(image, case))
+        if i < keep:
+            images.append(np.asarray(image))
+    return group, variant, scores, seconds, images
+
+
+def by_box_size(scores: list[dict]) -> dict:
+    """Placement rate per bucket of a box's shortest side."""
+    out = {}
+    for lo, hi in SIZE_BUCKETS:
+        hits = [s["placed"] for sc in scores for s in sc["subjects"] if lo <= s["short_side"] < hi]
+        if hits:
+            low, high = wilson(sum(hits), len(hits))
+            out[f"{lo:g}-{min(hi, 1):g}"] = {"placed": round(sum(hits) / len(hits), 4), "ci95": [low, high], "subjects": len(hits)}
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson interval of a proportion k/n."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 4), round(centre + half, 4)]
+
+
+def ownership_by_listing(scores: list[dict]) -> dict:
+    """Overlap ownership split by whether the priority subject was listed first or last."""
+    out = {}
+    for first in (True, False):
+        owned = [o["owned"] for sc in scores for o in sc["overlaps"] if o["top_listed_first"] == first]
+        if owned:
+            out["priority listed first" if first else "priority listed last"] = {
+                "owned": round(sum(owned) / len(owned), 4), "ci95": wilson(sum(owned), len(owned)), "pairs": len(owned)}
+    return out
+
+
 def evaluate(
-    pipe,
-    subject_counts: list[int],
+    weights: str | None,
+    groups: list[str],
     n_cases: int,
     variants: list[str],
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
-    size: int = 32,
+    ip_adapter_scale: float | None = None,
+    size: int = 64,
     bootstrap: int = 1000,
     progress: bool = True,
     keep_images: int = 0,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> dict:
-    """Scores per subject count and variant (plus the rendered 'ceiling'); see module docstring."""
-    from anyms_core import AnyMS
-
-    anyms = AnyMS(pipe)
-    results: dict = {"groups": {}, "images": {}}
-    total = len(subject_counts) * n_cases * len(variants)
-    bar = tqdm(total=total, desc="toy eval", disable=not progress, dynamic_ncols=True)
+    """Scores per group and variant (plus the rendered 'ceiling'); see the module docstring. Work is
+    split into (group, variant) tasks over `jobs` processes, each with its own pipeline."""
+    tasks = [(g, v, n_cases, seed, steps, guidance, ip_adapter_scale, size, keep_images) for g in groups for v in variants]
+    results: dict = {"groups": {}, "images": {}, "scores": {}}
     seconds = {v: 0.0 for v in variants}
-    for n in subject_counts:
-        cases = world.make_cases(n, n_cases, seed=seed)
-        group = {"ceiling": metrics.summarize([metrics.score_case(c.render(size), c) for c in cases], bootstrap)}
-        for variant in variants:
-            scores = []
-            for i, case in enumerate(cases):
-                t0 = time.perf_counter()
-                image = generate_case(anyms, case, variant, steps, guidance, size)
-                seconds[variant] += time.perf_counter() - t0
-                scores.append(metrics.score_case(image, case))
-                if i < keep_images:
-                    results["images"].setdefault(f"{n}/{variant}", []).append(image)
-                bar.update(1)
-            group[variant] = metrics.summarize(scores, bootstrap)
-            bar.set_postfix(n=n, variant=variant, placed=group[variant]["placed"]["mean"])
-        results["groups"][str(n)] = group
+    raw: dict = {}
+    bar = tqdm(total=len(tasks) * n_cases, desc="toy eval", disable=not progress, dynamic_ncols=True)
+    if jobs <= 1:
+        _init_worker(weights, threads)
+        outputs = map(_run_task, tasks)
+    else:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(weights, threads))
+        outputs = pool.map(_run_task, tasks)
+    for group, variant, scores, secs, images in outputs:
+        raw[(group, variant)] = scores
+        seconds[variant] += secs
+        if images:
+            results["images"][f"{group}/{variant}"] = images
+        bar.update(n_cases)
+        bar.set_postfix(group=group, variant=variant)
     bar.close()
-    count = len(subject_counts) * n_cases
+    if jobs > 1:
+        pool.shutdown()
+    for group in groups:
+        cases = group_cases(group, n_cases, seed)
+        ceiling = [metrics.score_case(c.render(size), c) for c in cases]
+        entry = {"ceiling": metrics.summarize(ceiling, bootstrap)}
+        sizes = {"ceiling": by_box_size(ceiling)}
+        listing = {}
+        for variant in variants:
+            entry[variant] = metrics.summarize(raw[(group, variant)], bootstrap)
+            sizes[variant] = by_box_size(raw[(group, variant)])
+            if group.startswith("overlap-"):
+                listing[variant] = ownership_by_listing(raw[(group, variant)])
+        entry["placed_by_box_size"] = sizes
+        if listing:
+            entry["overlap_by_listing"] = listing
+        results["groups"][group] = entry
+    count = len(groups) * n_cases
     results["seconds_per_image"] = {v: round(s / max(count, 1), 4) for v, s in seconds.items()}
+    results["scores"] = {f"{g}/{v}": s for (g, v), s in raw.items()}
     return results
 
 
-def markdown_table(groups: dict, variants: list[str]) -> str:
-    def cell(m: dict) -> str:
-        return f"{m['mean']:.2f} [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]"
+def _cell(m: dict, digits: int = 2) -> str:
+    if m is None or m["mean"] is None or (isinstance(m["mean"], float) and math.isnan(m["mean"])):
+        return "-"
+    return f"{m['mean']:.{digits}f} [{m['ci95'][0]:.{digits}f}, {m['ci95'][1]:.{digits}f}]"
 
-    lines = [
-        "| subjects | variant | box IoU | placed (IoU>=0.5) | AP50 | identity | background | all placed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for n, group in groups.items():
+
+def markdown_table(groups: dict, variants: list[str]) -> str:
+    """The main table: every metric per group and variant, with the rendered ceiling."""
+    extra = any("overlap_owned" in g.get(v, {}) for g in groups.values() for v in variants)
+    names = list(METRICS) + (["overlap_owned"] if extra else [])
+    lines = ["| group | variant | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for group, entry in groups.items():
         for variant in ["ceiling"] + variants:
-            label = "rendered scene (ceiling)" if variant == "ceiling" else f"`{variant}`"
-            s = group[variant]
-            lines.append(f"| {n} | {label} | " + " | ".join(cell(s[m]) for m in METRICS) + " |")
+            label = "rendered (ceiling)" if variant == "ceiling" else f"`{variant}`"
+            s = entry[variant]
+            cells = [_cell(s.get(m), 4 if m == "artefact" else 2) for m in names]
+            lines.append(f"| {group} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def size_table(groups: dict, variant: str = "anyms") -> str:
+    """Placement by the box's shortest side (fraction of the image side) for one variant."""
+    buckets = [f"{lo:g}-{min(hi, 1):g}" for lo, hi in SIZE_BUCKETS]
+    lines = [f"| group | " + " | ".join(f"short side {b}" for b in buckets) + " |", "|---|" + "---|" * len(buckets)]
+    for group, entry in groups.items():
+        sizes = entry["placed_by_box_size"].get(variant, {})
+        cells = [f"{sizes[b]['placed']:.2f} [{sizes[b]['ci95'][0]:.2f}, {sizes[b]['ci95'][1]:.2f}] (n={sizes[b]['subjects']})"
+                 if b in sizes else "-" for b in buckets]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ordering_table(groups: dict, pairs=(("anyms", "mask"), ("mask", "none"), ("anyms", "none")),
+                   metrics_=("iou", "identity", "placed", "overlap_owned")) -> tuple[str, list[dict]]:
+    """The paper's Table 2 ordering (anyms > mask > none) per group and metric: does it hold, and are
+    the 95% CIs apart?"""
+    rows = []
+    lines = ["| group | metric | comparison | means | holds | CIs apart |", "|---|---|---|---|---|---|"]
+    for group, entry in groups.items():
+        for metric in metrics_:
+            for a, b in pairs:
+                if a not in entry or b not in entry or metric not in entry[a] or metric not in entry[b]:
+                    continue
+                ma, mb = entry[a][metric], entry[b][metric]
+                if any(isinstance(x["mean"], float) and math.isnan(x["mean"]) for x in (ma, mb)):
+                    continue
+                holds = ma["mean"] > mb["mean"]
+                apart = ma["ci95"][0] > mb["ci95"][1]
+                rows.append({"group": group, "metric": metric, "a": a, "b": b, "holds": holds, "ci_apart": apart,
+                             "mean_a": ma["mean"], "mean_b": mb["mean"]})
+                lines.append(f"| {group} | {metric} | `{a}` > `{b}` | {ma['mean']:.2f} vs {mb['mean']:.2f} | "
+                             f"{'yes' if holds else '**no**'} | {'yes' if apart else 'no'} |")
+    return "\n".join(lines), rows
+
+
+def fidelity_table(groups: dict, variants: list[str]) -> str:
+    """Image fidelity and the 2x2 artefact energy of each variant relative to the rendered scenes."""
+    lines = ["| group | " + " | ".join(f"`{v}` fidelity / rendered" for v in variants) + " | `anyms` artefact / rendered |",
+             "|---|" + "---|" * (len(variants) + 1)]
+    for group, entry in groups.items():
+        ref = entry["ceiling"]["fidelity"]["mean"]
+        cells = [f"{entry[v]['fidelity']['mean'] / ref:.2f}" for v in variants]
+        art = entry.get("anyms", {}).get("artefact")
+        art_ratio = f"{art['mean'] / entry['ceiling']['artefact']['mean']:.2f}" if art else "-"
+        lines.append(f"| {group} | " + " | ".join(cells) + f" | {art_ratio} |")
     return "\n".join(lines)
 
 
@@ -161,70 +306,87 @@ def card_figures(pipe, out_dir: str | Path, train_dir: str | Path | None = None,
 
     anyms = AnyMS(pipe)
     variants = ["anyms", "mask", "none", "joint", "text"]
-    header_h, cell = 14, 32 * 4 + 4
-    for name, counts in (("toy-anyms.png", (2, 3, 4, 5)),):
-        cases = [world.make_cases(n, 1, seed=7)[0] for n in counts]
-        columns = ["refs", "target"] + variants
-        sheet = Image.new("RGB", (cell * len(columns), header_h + cell * len(cases)), (255, 255, 255))
-        draw = ImageDraw.Draw(sheet)
-        for j, label in enumerate(columns):
-            draw.text((j * cell + 4, 2), label, fill=(0, 0, 0))
-        for i, case in enumerate(cases):
-            colors = [s.rgb for s in case.sprites]
-            y = header_h + i * cell
-            refs = Image.new("RGB", (128, 128), (255, 255, 255))
-            k = math.ceil(math.sqrt(len(case.references)))
-            for r, ref in enumerate(case.references):
-                refs.paste(ref.resize((128 // k, 128 // k), Image.NEAREST), ((r % k) * (128 // k), (r // k) * (128 // k)))
-            sheet.paste(refs, (0, y))
-            sheet.paste(draw_boxes(case.render(), case.boxes, colors), (cell, y))
-            for j, variant in enumerate(variants):
-                image = generate_case(anyms, case, variant, steps, guidance, 32)
-                sheet.paste(draw_boxes(image, case.boxes, colors), ((j + 2) * cell, y))
-        sheet.save(out_dir / name)
-        written.append(out_dir / name)
+    scale = 2
+    side = 64 * scale
+    header_h, cell = 14, side + 4
+    cases = [world.make_cases(n, 1, seed=7)[0] for n in (2, 3, 5, 7)]
+    cases += [world.make_cases(n, 1, seed=7, overlap=True)[0] for n in (2, 3)]
+    columns = ["refs", "target"] + variants
+    sheet = Image.new("RGB", (cell * len(columns), header_h + cell * len(cases)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(columns):
+        draw.text((j * cell + 4, 2), label, fill=(0, 0, 0))
+    for i, case in enumerate(cases):
+        colors = [s.rgb for s in case.sprites]
+        y = header_h + i * cell
+        refs = Image.new("RGB", (side, side), (255, 255, 255))
+        k = math.ceil(math.sqrt(len(case.references)))
+        for r, ref in enumerate(case.references):
+            refs.paste(ref.resize((side // k, side // k), Image.NEAREST), ((r % k) * (side // k), (r // k) * (side // k)))
+        sheet.paste(refs, (0, y))
+        sheet.paste(draw_boxes(case.render(), case.boxes, colors, scale), (cell, y))
+        for j, variant in enumerate(variants):
+            image = generate_case(anyms, case, variant, steps, guidance)
+            sheet.paste(draw_boxes(image, case.boxes, colors, scale), ((j + 2) * cell, y))
+    sheet.save(out_dir / "toy-anyms.png")
+    written.append(out_dir / "toy-anyms.png")
     return written
 
 
-def tune_sampling(pipe, weights_dir: str | Path, guidances: list[float], steps: list[int], n_cases: int = 20,
-                  seed: int = 1, min_background: float = 0.9) -> dict:
-    """Choose the weights' default guidance and steps on VALIDATION cases (seed 1, never the reported
-    seed-0 set): the most placed subjects (anyms, 2 and 4 subjects) with background accuracy >=
-    `min_background`, fewer steps on ties. Writes WEIGHTS/sampling.json."""
+def tune_sampling(weights_dir: str | Path, scales: list[float], guidances: list[float], steps: list[int],
+                  n_cases: int = 24, seed: int = 1, min_background: float = 0.9, jobs: int = 1) -> dict:
+    """Choose the weights' default IP-Adapter scale, guidance and steps on VALIDATION cases (seed 1,
+    never the reported seed-0 set): the best mean of placement and identity (anyms, 2 and 5 subjects)
+    with background accuracy >= `min_background`; ties go to the smaller scale and fewer steps.
+    Writes WEIGHTS/sampling.json."""
     trials = []
-    for g in guidances:
-        for k in steps:
-            r = evaluate(pipe, [2, 4], n_cases, ["anyms"], seed=seed, steps=k, guidance=g, bootstrap=0, progress=False)
-            placed = sum(r["groups"][n]["anyms"]["placed"]["mean"] for n in ("2", "4")) / 2
-            background = min(r["groups"][n]["anyms"]["background"]["mean"] for n in ("2", "4"))
-            trials.append({"guidance_scale": g, "num_inference_steps": k, "placed": placed, "background": background})
-            print(trials[-1], file=sys.stderr)
+    for scale in scales:
+        for g in guidances:
+            for k in steps:
+                r = evaluate(str(weights_dir), ["2", "5"], n_cases, ["anyms"], seed=seed, steps=k, guidance=g,
+                             ip_adapter_scale=scale, bootstrap=0, progress=False, jobs=jobs)
+                groups = r["groups"]
+                placed = sum(groups[n]["anyms"]["placed"]["mean"] for n in ("2", "5")) / 2
+                identity = sum(groups[n]["anyms"]["identity"]["mean"] for n in ("2", "5")) / 2
+                background = min(groups[n]["anyms"]["background"]["mean"] for n in ("2", "5"))
+                trials.append({"ip_adapter_scale": scale, "guidance_scale": g, "num_inference_steps": k,
+                               "placed": round(placed, 4), "identity": round(identity, 4), "background": background})
+                print(trials[-1], file=sys.stderr)
     ok = [t for t in trials if t["background"] >= min_background] or trials
-    best = max(ok, key=lambda t: (round(t["placed"], 3), -t["num_inference_steps"]))
+    best = max(ok, key=lambda t: (round((t["placed"] + t["identity"]) / 2, 3), -t["ip_adapter_scale"], -t["num_inference_steps"]))
     sampling = {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"],
-                "chosen_on": f"validation cases seed={seed}, {n_cases} per subject count", "trials": trials}
+                "ip_adapter_scale": best["ip_adapter_scale"],
+                "chosen_on": f"validation cases (make_cases seed={seed}), {n_cases} per subject count (2 and 5), "
+                             "variant anyms; never the held-out seed=0 set",
+                "trials": trials}
     (Path(weights_dir) / "sampling.json").write_text(json.dumps(sampling, indent=1) + "\n")
     return sampling
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m anyms_core.toy.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--subjects", type=int, nargs="+", default=[2, 3, 4, 5])
+    p.add_argument("--groups", nargs="+", default=["2", "3", "4", "5", "6", "7", "overlap-2", "overlap-3"],
+                   help="subject counts (2-7) and/or overlap-2, overlap-3")
+    p.add_argument("--subjects", type=int, nargs="+", default=None, help="shorthand for --groups with subject counts")
     p.add_argument("--cases", type=int, default=100)
     p.add_argument("--variants", nargs="+", default=["anyms", "mask", "none", "joint", "text"])
     p.add_argument("--out", default="results/toy_eval", help="writes OUT.json and OUT.md")
     p.add_argument("--weights", default=None, help="toy weights folder (default: the shipped ones)")
-    p.add_argument("--seed", type=int, default=0, help="case set (0 = the reported held-out set)")
+    p.add_argument("--seed", type=int, default=0, help="case set (0 = the reported held-out set, 1 = validation)")
     p.add_argument("--steps", type=int, default=None, help="default: the pipeline's")
     p.add_argument("--guidance", type=float, default=None, help="default: the pipeline's")
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--ip-adapter-scale", type=float, default=None, help="default: the pipeline's")
+    p.add_argument("--size", type=int, default=64)
     p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (one pipeline each)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--grid", default=None, help="also save a PNG grid of the first cases' images here")
     p.add_argument("--card-figures", default=None, help="only write the model card's figures to this folder")
     p.add_argument("--train-dir", default=None, help="training output folder (its loss_log.csv) for --card-figures")
-    p.add_argument("--tune-guidance", type=float, nargs="+", default=None,
-                   help="only choose the default guidance (and --tune-steps) on validation cases; writes WEIGHTS/sampling.json")
+    p.add_argument("--tune", action="store_true",
+                   help="only choose the default IP-Adapter scale and guidance on validation cases; writes WEIGHTS/sampling.json")
+    p.add_argument("--tune-scales", type=float, nargs="+", default=[0.75, 1.0, 1.25, 1.5])
+    p.add_argument("--tune-guidance", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     p.add_argument("--tune-steps", type=int, nargs="+", default=[12])
     return p.parse_args(argv)
 
@@ -232,57 +394,81 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from .pipeline import load_toy_pipeline
+    from .pipeline import DEFAULT_WEIGHTS_DIR, load_toy_pipeline
 
-    pipe = load_toy_pipeline(args.weights)
-    if args.tune_guidance:
-        from .pipeline import DEFAULT_WEIGHTS_DIR
-
-        return tune_sampling(pipe, args.weights or DEFAULT_WEIGHTS_DIR, args.tune_guidance, args.tune_steps, n_cases=args.cases)
+    if args.tune:
+        return tune_sampling(args.weights or DEFAULT_WEIGHTS_DIR, args.tune_scales, args.tune_guidance, args.tune_steps,
+                             n_cases=min(args.cases, 24), jobs=args.jobs)
     if args.card_figures:
+        pipe = load_toy_pipeline(args.weights)
         paths = card_figures(pipe, args.card_figures, args.train_dir, guidance=args.guidance, steps=args.steps)
         print("\n".join(str(p) for p in paths))
         return {"figures": [str(p) for p in paths]}
+    groups = [str(n) for n in args.subjects] if args.subjects else args.groups
     start = time.perf_counter()
     results = evaluate(
-        pipe, args.subjects, args.cases, args.variants, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        size=args.size, bootstrap=args.bootstrap, keep_images=6 if args.grid else 0,
+        args.weights, groups, args.cases, args.variants, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        ip_adapter_scale=args.ip_adapter_scale, size=args.size, bootstrap=args.bootstrap,
+        keep_images=6 if args.grid else 0, jobs=args.jobs, threads=args.threads,
     )
     images = results.pop("images")
+    scores = results.pop("scores")
+    pipe_defaults = json.loads((Path(args.weights or DEFAULT_WEIGHTS_DIR) / "sampling.json").read_text())
+    order_md, order_rows = ordering_table(results["groups"])
     report = {
         "command": "python -m anyms_core.toy.evaluate " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {
-            "subjects": args.subjects, "cases": args.cases, "variants": args.variants, "seed": args.seed,
-            "steps": args.steps or pipe.default_num_inference_steps,
-            "guidance": pipe.default_guidance_scale if args.guidance is None else args.guidance,
-            "size": args.size, "weights": str(args.weights or "shipped"), "threads": args.threads,
+            "groups": groups, "cases": args.cases, "variants": args.variants, "seed": args.seed,
+            "steps": args.steps or pipe_defaults["num_inference_steps"],
+            "guidance": pipe_defaults["guidance_scale"] if args.guidance is None else args.guidance,
+            "ip_adapter_scale": pipe_defaults.get("ip_adapter_scale", 1.0) if args.ip_adapter_scale is None else args.ip_adapter_scale,
+            "size": args.size, "weights": str(args.weights or "shipped"), "threads": args.threads, "jobs": args.jobs,
         },
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "wall_seconds": round(time.perf_counter() - start, 1),
+        "ordering": order_rows,
         **results,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    variants = args.variants
     md = [
         "# Toy-world evaluation",
         "",
         f"Command: `{report['command']}`  ",
         f"Settings: {json.dumps(report['settings'])}  ",
-        f"Mean with 95% bootstrap CI over cases; {args.cases} held-out cases per subject count. "
-        "`text` (no subject images) is the floor, the rendered scene the ceiling.",
+        f"Mean with 95% bootstrap CI over cases; {args.cases} held-out cases per group. `identity` and `shape` are "
+        "among placed subjects. `text` (no subject images) is the floor, the rendered scene the ceiling.",
         "",
-        markdown_table(report["groups"], args.variants),
+        markdown_table(report["groups"], variants),
         "",
-        f"Seconds per image (generation only, {args.threads} thread): {json.dumps(report['seconds_per_image'])}",
+        "## Placement by box size (`anyms`; Wilson 95% CI)",
+        "",
+        size_table(report["groups"], "anyms"),
+        "",
+        "## The paper's Table 2 ordering (`anyms` > `mask` > `none`)",
+        "",
+        order_md,
+        "",
+        "## Image fidelity and artefacts relative to the rendered scenes",
+        "",
+        fidelity_table(report["groups"], variants),
+        "",
+        f"Seconds per image (generation only, {args.threads} thread per process): {json.dumps(report['seconds_per_image'])}",
     ]
+    listing = {g: e["overlap_by_listing"] for g, e in report["groups"].items() if "overlap_by_listing" in e}
+    if listing:
+        md += ["", "## Overlap ownership by where the priority subject is listed", "", "```json", json.dumps(listing, indent=1), "```"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     if args.grid and images:
+        from PIL import Image
+
         from .train import image_grid
 
-        rows = [im for key in sorted(images) for im in images[key]]
+        rows = [Image.fromarray(im) for key in sorted(images) for im in images[key]]
         image_grid(rows, columns=6).save(args.grid)
-    print(markdown_table(report["groups"], args.variants))
+    print(markdown_table(report["groups"], variants))
     return report
 
 

@@ -2,13 +2,25 @@
 
 For each subject of a case: find the blobs of its colour in the generated image (pixels within
 `COLOR_RADIUS` of the sprite colour, 8-connected components), keep only real blobs (enough pixels,
-a filled bounding box: pure noise fails this), pick the blob that best overlaps the target box (or
-the largest one), and report its box IoU with the target box, `placed` (IoU >= 0.5), and its shape
-(best IoU against the four shape templates fitted to its bounding box). Identity is correct when
-that blob has the subject's shape (its colour is right by construction). AP50 ranks all real blobs
-of every sprite colour in a set of images against the subjects of that colour. The background is
-the nearest background palette to the median colour outside the target boxes, accepted only when
-most of those pixels agree with it.
+a filled bounding box: pure noise fails this), pick the blob that best overlaps the target (the
+square the sprite is inscribed in, see `world.inscribed_box`), and report its box IoU with the target,
+`placed` (IoU >= 0.5), its shape (best IoU against the four shape templates fitted to its bounding
+box) and the dominant sprite colour inside the target. `identity` (reported among placed subjects)
+needs both the shape and that colour right. AP50 ranks all real blobs of every sprite colour in a set
+of images against the subjects of that colour. The background is the nearest background palette to
+the median colour outside the target boxes, accepted only when most of those pixels agree with it.
+
+Two image-level measures:
+- `fidelity`: the share of 4x4 patches that are locally smooth (most pixels close to the patch's
+  median colour), as the world's flat sprites and soft textures are. A rendered scene scores ~0.95,
+  pure noise 0; a failure that is still a picture (a subject leaking, two subjects fused into one blob, a subject in the wrong place)
+  keeps a high score, so this separates "wrong" from "noise".
+- `artefact`: the energy of the 2x2 alternating (checkerboard) pattern, mean over every 2x2 window of
+  ((a - b - c + d) / 2)^2; compare to the rendered scenes' value.
+
+In overlap cases (explicit priorities), `overlap_owned` says whether the higher-priority subject owns
+the overlap of each overlapping pair: where both sprites' shapes would be drawn, more of its colour
+than the other's (and at least OWN_MIN_SHARE of those pixels), and its shape recognised.
 
 Calibration (see tests/test_toy_metrics.py): rendered scenes score ~1 (the ceiling), pure noise ~0.
 """
@@ -36,6 +48,9 @@ BACKGROUND_RADIUS = 0.25
 BACKGROUND_PIXEL_RADIUS = 0.3
 BACKGROUND_AGREEMENT = 0.5
 PLACED_IOU = 0.5
+FLAT_RADIUS = 0.1
+FLAT_SHARE = 0.75
+OWN_MIN_SHARE = 0.3
 
 
 @dataclass
@@ -180,34 +195,110 @@ def classify_background(image, boxes: list[list[float]] = ()) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Per case and over a set of cases
 # --------------------------------------------------------------------------------------------
+def fidelity(image) -> float:
+    """Share of (non-overlapping) 4x4 patches that are smooth: at least FLAT_SHARE of their pixels
+    within FLAT_RADIUS (every channel) of the patch's median colour. A lone star or a thin mortar line
+    keeps a patch smooth; noise never is."""
+    array = _as_array(image)
+    h, w = (array.shape[0] // 4) * 4, (array.shape[1] // 4) * 4
+    patches = array[:h, :w].reshape(h // 4, 4, w // 4, 4, 3).transpose(0, 2, 1, 3, 4).reshape(h // 4, w // 4, 16, 3)
+    median = np.median(patches, axis=2, keepdims=True)
+    close = (np.abs(patches - median) <= FLAT_RADIUS).all(axis=-1).mean(axis=-1)
+    return float((close >= FLAT_SHARE).mean())
+
+
+def artefact_energy(image) -> float:
+    """Mean energy of the 2x2 alternating pattern over all 2x2 windows (per channel, [0, 1] units)."""
+    a = _as_array(image)
+    hh = (a[:-1, :-1] - a[:-1, 1:] - a[1:, :-1] + a[1:, 1:]) / 2
+    return float((hh**2).mean())
+
+
+def _pixel_box(box: list[float], h: int, w: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = box
+    return int(round(x0 * w)), int(round(y0 * h)), int(round(x1 * w)), int(round(y1 * h))
+
+
+def dominant_color(image, box: list[float]) -> str | None:
+    """The sprite colour with the most pixels inside `box` (None if no sprite colour is there)."""
+    array = _as_array(image)
+    h, w = array.shape[:2]
+    x0, y0, x1, y1 = _pixel_box(box, h, w)
+    crop = array[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+    counts = {c: int(color_mask(crop, c).sum()) for c in world.COLOR_NAMES}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > 0 else None
+
+
+def overlap_ownership(image, case: "world.Case", subjects: list[dict]) -> list[dict]:
+    """For each overlapping pair of subjects: does the higher-priority one own the overlap?"""
+    if case.priorities is None:
+        return []
+    array = _as_array(image)
+    h, w = array.shape[:2]
+    out = []
+    n = len(case.sprites)
+    shape_ids = torch.tensor([[world.SHAPES.index(s.shape) for s in case.sprites]])
+    alpha = world.sprite_alpha(shape_ids, torch.tensor([case.boxes], dtype=torch.float32), h, w)[0].numpy() >= 0.5
+    for i in range(n):
+        for j in range(i + 1, n):
+            region = alpha[i] & alpha[j]  # where both sprites would be drawn: who is visible there?
+            if region.sum() < 4:
+                continue
+            top, bottom = (i, j) if case.priorities[i] > case.priorities[j] else (j, i)
+            pixels = array[region]
+            n_top = int(color_mask(pixels, case.sprites[top].color).sum())
+            n_bottom = int(color_mask(pixels, case.sprites[bottom].color).sum())
+            area = int(region.sum())
+            color_owned = n_top > n_bottom and n_top >= OWN_MIN_SHARE * area
+            out.append({
+                "top": top, "bottom": bottom, "top_listed_first": top < bottom, "pixels": area,
+                "top_share": round(n_top / area, 4), "bottom_share": round(n_bottom / area, 4),
+                "color_owned": color_owned,
+                "owned": color_owned and subjects[top]["shape_pred"] == case.sprites[top].shape,
+            })
+    return out
+
+
 def score_case(image, case: "world.Case") -> dict:
-    """Per-subject detection, IoU, placement and identity, plus the background, for one image."""
+    """Per-subject detection, IoU, placement and identity, the background, overlap ownership and the
+    image-level fidelity and artefact measures, for one image."""
+    array = _as_array(image)
+    h, w = array.shape[:2]
     subjects = []
-    for sprite, box in case.subjects:
-        blob = find_subject(image, sprite, box)
-        iou = box_iou(blob.box, box) if blob is not None else 0.0
+    targets = [world.inscribed_box(box, h, w) for box in case.boxes]
+    for sprite, box, target in zip(case.sprites, case.boxes, targets):
+        blob = find_subject(array, sprite, target)
+        iou = box_iou(blob.box, target) if blob is not None else 0.0
+        color = dominant_color(array, target)
         subjects.append(
             {
                 "sprite": sprite.name,
                 "box": box,
+                "target": [round(v, 4) for v in target],
+                "short_side": round(min(box[2] - box[0], box[3] - box[1]), 4),
                 "detected_box": None if blob is None else [round(v, 4) for v in blob.box],
                 "iou": iou,
                 "placed": iou >= PLACED_IOU,
                 "shape_pred": None if blob is None else blob.shape,
-                "identity": blob is not None and blob.shape == sprite.shape,
+                "color_pred": color,
+                "identity": blob is not None and blob.shape == sprite.shape and color == sprite.color,
             }
         )
-    background = classify_background(image, case.boxes)
+    background = classify_background(array, case.boxes)
     detections = [
         {"color": c, "box": b.box, "score": b.shape_score * min(1.0, b.fill / 0.5)}
         for c in world.COLOR_NAMES
-        for b in find_blobs(image, c)
+        for b in find_blobs(array, c)
     ]
     return {
         "subjects": subjects,
         "background_pred": background,
         "background": background == case.background,
         "detections": detections,
+        "overlaps": overlap_ownership(array, case, subjects),
+        "fidelity": fidelity(array),
+        "artefact": artefact_energy(array),
     }
 
 
@@ -215,7 +306,7 @@ def average_precision(scores: list[dict], iou_threshold: float = PLACED_IOU) -> 
     """AP at `iou_threshold` over a set of scored cases, per colour class (COCO 101-point), averaged."""
     aps = []
     for color in world.COLOR_NAMES:
-        gts = [(i, s["box"]) for i, sc in enumerate(scores) for s in sc["subjects"] if s["sprite"].startswith(color + " ")]
+        gts = [(i, s["target"]) for i, sc in enumerate(scores) for s in sc["subjects"] if s["sprite"].startswith(color + " ")]
         if not gts:
             continue
         dets = sorted(
@@ -250,23 +341,35 @@ def summarize(scores: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     n = len(scores)
 
+    def mean(values) -> float:
+        return float(np.mean(values)) if len(values) else float("nan")
+
     def stats(indices) -> dict:
         subset = [scores[i] for i in indices]
         subjects = [s for sc in subset for s in sc["subjects"]]
-        return {
-            "iou": float(np.mean([s["iou"] for s in subjects])),
-            "placed": float(np.mean([s["placed"] for s in subjects])),
-            "identity": float(np.mean([s["identity"] for s in subjects])),
-            "background": float(np.mean([sc["background"] for sc in subset])),
-            "all_placed": float(np.mean([all(s["placed"] for s in sc["subjects"]) for sc in subset])),
+        placed = [s for s in subjects if s["placed"]]
+        overlaps = [o for sc in subset for o in sc.get("overlaps", [])]
+        out = {
+            "iou": mean([s["iou"] for s in subjects]),
+            "placed": mean([s["placed"] for s in subjects]),
+            "identity": mean([s["identity"] for s in placed]),
+            "shape": mean([s["shape_pred"] == s["sprite"].split()[1] for s in placed]),
+            "background": mean([sc["background"] for sc in subset]),
+            "all_placed": mean([all(s["placed"] for s in sc["subjects"]) for sc in subset]),
             "ap50": average_precision(subset),
+            "fidelity": mean([sc["fidelity"] for sc in subset]),
+            "artefact": mean([sc["artefact"] for sc in subset]),
         }
+        if overlaps:
+            out["overlap_owned"] = mean([o["owned"] for o in overlaps])
+            out["overlap_color_owned"] = mean([o["color_owned"] for o in overlaps])
+        return out
 
     point = stats(range(n))
     samples = [stats(rng.integers(0, n, n)) for _ in range(bootstrap)] if bootstrap and n > 1 else []
     out = {"cases": n, "subjects": sum(len(sc["subjects"]) for sc in scores)}
     for key, value in point.items():
-        values = [s[key] for s in samples]
+        values = [s[key] for s in samples if not math.isnan(s[key])]
         low, high = (np.percentile(values, [2.5, 97.5]) if values else (value, value))
         out[key] = {"mean": round(value, 4), "ci95": [round(float(low), 4), round(float(high), 4)]}
     return out

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from . import world
 from .pipeline import (
+    LATENT_CHANNELS,
     ToyWorldPipeline,
     build_components,
     fold,
@@ -47,19 +48,19 @@ from .pipeline import (
     save_toy_pipeline,
 )
 
-EMPTY_T, THINGS_T = world.EMPTY_TEMPLATES, world.THINGS_TEMPLATES
+EMPTY_T = world.EMPTY_TEMPLATES
 
 
 # --------------------------------------------------------------------------------------------
 # Data: whole batches rendered on the device
 # --------------------------------------------------------------------------------------------
 def prompt_table() -> list[str]:
-    """All training prompts: index 0 is the empty prompt (dropped text), then per background
-    its EMPTY templates followed by its THINGS templates."""
+    """The stage-2 prompts (they name the background only): index 0 is the empty prompt (dropped
+    text), then per background its EMPTY templates."""
     prompts = [""]
     for background in world.BACKGROUNDS:
         place = world._PLACE_WORDS[background]
-        prompts += [t.format(place=place) for t in EMPTY_T] + [t.format(place=place) for t in THINGS_T]
+        prompts += [t.format(place=place) for t in EMPTY_T]
     return prompts
 
 
@@ -78,32 +79,29 @@ def _randint(high: int, shape, generator, device) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=generator, device=device)
 
 
-def stage1_batch(n: int, size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [n, 3, H, W] in [-1, 1] and prompt indices [n] into prompt_table()."""
+def stage1_batch(n: int, size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list[str]]:
+    """Base-model scenes [n, 3, H, W] in [-1, 1] and their prompts: 0, 1 or 2 sprites (25/45/30%),
+    every sprite named in the prompt ("a photo of a red circle and a lime cross on grass"); an empty
+    scene's prompt names the background only. So the base knows the 20 sprites by name (as SDXL knows
+    objects), never draws one the prompt does not name, and no text ever says where or how big."""
     backgrounds = _randint(len(world.BACKGROUNDS), (n,), generator, device)
-    has_things = torch.rand(n, generator=generator, device=device) < 0.5
-    k = 3
-    count = 1 + _randint(k, (n,), generator, device)
-    present = (torch.arange(k, device=device).view(1, k) < count.view(n, 1)) & has_things.view(n, 1)
-    images = world.render_batch(
-        backgrounds,
-        _randint(len(world.SHAPES), (n, k), generator, device),
-        _randint(len(world.COLOR_NAMES), (n, k), generator, device),
-        random_boxes(n, k, 0.2, 0.7, generator, device),
-        present,
-        size,
-        size,
-        generator,
-    )
-    per_background = len(EMPTY_T) + len(THINGS_T)
-    template = torch.where(
-        has_things,
-        len(EMPTY_T) + _randint(len(THINGS_T), (n,), generator, device),
-        _randint(len(EMPTY_T), (n,), generator, device),
-    )
-    prompts = 1 + backgrounds * per_background + template
+    k = 2
+    u = torch.rand(n, generator=generator, device=device)
+    count = (u >= 0.25).long() + (u >= 0.7).long()
+    present = torch.arange(k, device=device).view(1, k) < count.view(n, 1)
+    shapes = _randint(len(world.SHAPES), (n, k), generator, device)
+    colors = _randint(len(world.COLOR_NAMES), (n, k), generator, device)
+    boxes = random_boxes(n, k, 0.15, 0.85, generator, device)
+    images = world.render_batch(backgrounds, shapes, colors, boxes, present, size, size, generator, supersample=2)
+    template = _randint(6, (n,), generator, device)
     drop_text = torch.rand(n, generator=generator, device=device) < 0.1
-    prompts = torch.where(drop_text, torch.zeros_like(prompts), prompts)
+    prompts = []
+    for i, (bg, c, tpl, drop) in enumerate(zip(backgrounds.tolist(), count.tolist(), template.tolist(), drop_text.tolist())):
+        if drop:
+            prompts.append("")
+            continue
+        sprites = [world.Sprite(world.SHAPES[shapes[i, j]], world.COLOR_NAMES[colors[i, j]]) for j in range(c)]
+        prompts.append(world.named_prompt(world.BACKGROUNDS[bg], sprites, tpl))
     return images * 2 - 1, prompts
 
 
@@ -118,13 +116,13 @@ def stage2_batch(
     # Sizes vary widely, and a share of the scenes are object-centric (the sprite inscribed in the whole
     # frame, as in the photos real adapters learn from): with tokens everywhere, the sprite spans the
     # region that receives them. AnyMS later gives the tokens to a box only, and the sprite spans the box.
-    boxes = random_boxes(n, 1, 0.2, 0.9, generator, device)
+    boxes = random_boxes(n, 1, 0.12, 0.9, generator, device)
     margins = 0.08 * torch.rand(n, 1, 4, generator=generator, device=device)
     framed = torch.cat([margins[..., :2], 1 - margins[..., 2:]], dim=-1)
     use_frame = torch.rand(n, 1, 1, generator=generator, device=device) < frame_fraction
     boxes = torch.where(use_frame, framed, boxes)
     present = torch.ones(n, 1, dtype=torch.bool, device=device)
-    images = world.render_batch(backgrounds, shapes, colors, boxes, present, size, size, generator)
+    images = world.render_batch(backgrounds, shapes, colors, boxes, present, size, size, generator, supersample=2)
 
     # Reference: the same sprite recentred and rescaled (fill 0.5-0.9, keeping or squaring its aspect
     # ratio, jittered), on the scene's background (30%), another background (40%) or plain grey (30%).
@@ -144,8 +142,7 @@ def stage2_batch(
     refs = torch.round(refs * 255) / 255  # what a PIL reference holds
     refs = (refs - 0.5) / 0.5  # CLIPImageProcessor(image_mean=0.5, image_std=0.5)
 
-    per_background = len(EMPTY_T) + len(THINGS_T)
-    prompts = 1 + backgrounds * per_background + _randint(len(EMPTY_T), (n,), generator, device)
+    prompts = 1 + backgrounds * len(EMPTY_T) + _randint(len(EMPTY_T), (n,), generator, device)
     r = torch.rand(n, generator=generator, device=device)
     drop_image = r < 0.10  # zero image embedding = diffusers' negative = no image branch at all
     drop_text = (r >= 0.05) & (r < 0.15)  # 5% both dropped, 5% text only
@@ -154,7 +151,7 @@ def stage2_batch(
 
 
 # --------------------------------------------------------------------------------------------
-# Diffusion objective (zero terminal SNR, v-prediction)
+# Diffusion objective (zero terminal SNR, clean-image prediction)
 # --------------------------------------------------------------------------------------------
 def training_alphas_cumprod(scheduler) -> torch.Tensor:
     """The training schedule the sampler was configured with (exactly 0 signal at t = T-1)."""
@@ -164,16 +161,17 @@ def training_alphas_cumprod(scheduler) -> torch.Tensor:
 
 
 def v_loss(unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None) -> torch.Tensor:
+    """Clean-image (x0) prediction loss, weighted 1 + min(SNR, 4): the weight grows towards low noise,
+    where edges and shapes are decided, but never lets the near-clean steps dominate."""
     x0 = fold(images)
     n = x0.shape[0]
     t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    a = alphas_cumprod[t].sqrt().view(n, 1, 1, 1)
-    s = (1 - alphas_cumprod[t]).sqrt().view(n, 1, 1, 1)
-    x_t = a * x0 + s * noise
-    target = a * noise - s * x0
+    alpha = alphas_cumprod[t].view(n, 1, 1, 1)
+    x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     pred = unet(x_t, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
-    return F.mse_loss(pred.float(), target.float())
+    weight = 1 + (alpha / (1 - alpha).clamp_min(1e-8)).clamp(max=4.0)
+    return ((pred.float() - x0.float()) ** 2 * weight).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +251,7 @@ def quick_check(pipe: ToyWorldPipeline, stage: int, n: int, seed: int) -> tuple[
             case = world.make_case(1, 77_000 + seed * 1000 + i, background=background)
             kwargs["ip_adapter_image"] = [[case.references[0]]]
         g = torch.Generator(device="cpu").manual_seed(seed * 1000 + i)
-        latents = torch.randn((1, 12, 16, 16), generator=g).to(device)
+        latents = torch.randn((1, LATENT_CHANNELS, 16, 16), generator=g).to(device)
         image = pipe(world.DEFAULT_PROMPTS[background], latents=latents, **kwargs).images[0]
         images.append(image)
         bg_pred = metrics.classify_background(image, boxes=[] if case is None else case.boxes)
@@ -288,6 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--stage1-fraction", type=float, default=0.4, help="share of the training time for stage 1")
     p.add_argument("--stage1-steps", type=int, default=None, help="fixed step count for stage 1 (overrides time)")
     p.add_argument("--stage2-steps", type=int, default=None, help="fixed step count for stage 2 (overrides time)")
@@ -420,11 +419,13 @@ def main(argv=None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if stage == 1:
-                images, prompts = stage1_batch(args.batch_size, 32, generator, device)
-                text_embeds = pipe.text_encoder(tokens[prompts])[0]
+                images, prompts = stage1_batch(args.batch_size, args.size, generator, device)
+                ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids.to(device)
+                text_embeds = pipe.text_encoder(ids)[0]
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator)
             else:
-                images, prompts, refs, keep = stage2_batch(args.batch_size, 32, generator, device, args.frame_fraction)
+                images, prompts, refs, keep = stage2_batch(args.batch_size, args.size, generator, device, args.frame_fraction)
                 with torch.no_grad():
                     text_embeds = pipe.text_encoder(tokens[prompts])[0]
                 image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
@@ -502,7 +503,7 @@ def _text_only_check(pipe: ToyWorldPipeline, n: int) -> tuple[dict, list]:
     for i in range(n):
         background = world.BACKGROUNDS[i % len(world.BACKGROUNDS)]
         g = torch.Generator(device="cpu").manual_seed(999 + i)
-        latents = torch.randn((1, 12, 16, 16), generator=g).to(pipe.device)
+        latents = torch.randn((1, LATENT_CHANNELS, 16, 16), generator=g).to(pipe.device)
         zeros = torch.zeros(2, 1, dim, device=pipe.device)  # [negative; positive] for CFG
         image = pipe(world.DEFAULT_PROMPTS[background], latents=latents, ip_adapter_image_embeds=[zeros]).images[0]
         images.append(image)

@@ -1,8 +1,11 @@
 """The toy world: procedural scenes of sprites on named backgrounds, and their exact renderer.
 
 A scene is a background (named by the prompt, e.g. "a photo on grass") and a list of sprites, each
-drawn in a box. A sprite's identity is a shape x a colour; it is never named in the prompt, so in the
-toy model identity can only come from a reference image, as in real subject customization.
+drawn inside a box: the shape is inscribed in the largest centred square of the box (never
+stretched). A sprite's identity is a shape x a colour (4 x 5 = 20 identities). The base model learns
+to draw sprites that the prompt names ("a red triangle on grass"), as SDXL knows objects by name;
+evaluation prompts name only the background, so in a generated image a sprite's identity and place can
+only come from its reference image and AnyMS, as in real subject customization.
 
 Everything here is deterministic for a seed. Boxes are normalized [x0, y0, x1, y1], origin top-left.
 The batch renderer (`render_batch`) is vectorised torch code that runs on any device, so training can
@@ -46,12 +49,25 @@ _PLACE_WORDS: dict[str, str] = {b: DEFAULT_PROMPTS[b][len("a photo ") :] for b i
 # Prompt templates used in training. "things" marks scenes with random sprites that the text does
 # not control (stage 1 only); evaluation uses DEFAULT_PROMPTS, which never name a sprite.
 EMPTY_TEMPLATES: tuple[str, ...] = ("a photo {place}", "{place}", "a scene {place}")
-THINGS_TEMPLATES: tuple[str, ...] = ("things {place}", "some things {place}", "a photo of things {place}")
+# Base-model training only: scenes whose sprites the prompt names, e.g. "a photo of a red triangle and
+# a cyan circle on grass". Evaluation and the demos never name a sprite.
+NAMED_TEMPLATES: tuple[str, ...] = ("a photo of {things} {place}", "{things} {place}")
 # Every word any prompt may contain: the shipped tokenizer has one token per word.
 VOCABULARY_WORDS: tuple[str, ...] = (
-    "a", "photo", "scene", "of", "some", "things", "on", "at",
+    "a", "photo", "scene", "of", "and", "on", "at",
     "grass", "night", "sand", "snow", "water", "bricks",
+    "square", "circle", "triangle", "cross",
+    "red", "yellow", "magenta", "cyan", "lime",
 )  # fmt: skip
+
+
+def named_prompt(background: str, sprites: "list[Sprite]", template: int = 0) -> str:
+    """A training prompt that names the sprites (at most two), e.g. "a photo of a red circle at night"."""
+    place = _PLACE_WORDS[background]
+    if not sprites:
+        return EMPTY_TEMPLATES[template % len(EMPTY_TEMPLATES)].format(place=place)
+    things = " and ".join(f"a {s.color} {s.shape}" for s in sprites)
+    return NAMED_TEMPLATES[template % len(NAMED_TEMPLATES)].format(things=things, place=place)
 
 # A reference image's neutral backdrop (index len(BACKGROUNDS) in the batch renderer).
 PLAIN_BACKGROUND = "plain"
@@ -114,7 +130,7 @@ def render_backgrounds(
     y = ys.view(1, height, 1).expand(b, height, width)
     x = xs.view(1, 1, width).expand(b, height, width)
     phase = _rand((b, 4), generator, device).view(b, 4, 1, 1) * 2 * math.pi
-    pix = _rand((b, height, width), generator, device) - 0.5  # per-pixel grain
+    pix = 0.4 * (_rand((b, height, width), generator, device) - 0.5)  # faint per-pixel grain
     col = _rand((b, 1, width), generator, device).expand(b, height, width) - 0.5  # grass blades
     stars = (_rand((b, height, width), generator, device) > 0.965).float()
     tint = _rand((b, 8, 8), generator, device) - 0.5  # per-brick tint
@@ -157,15 +173,20 @@ def render_backgrounds(
 def sprite_alpha(
     shape_ids: torch.Tensor, boxes: torch.Tensor, height: int, width: int, supersample: int = 4
 ) -> torch.Tensor:
-    """Anti-aliased coverage [B, K, H, W] in [0, 1] of K sprites per image; shape_ids [B, K], boxes [B, K, 4]."""
+    """Anti-aliased coverage [B, K, H, W] in [0, 1] of K sprites per image; shape_ids [B, K], boxes [B, K, 4].
+
+    Each shape is inscribed in the largest square (in pixels) centred in its box: a wide box holds a
+    round circle, not an ellipse."""
     device = boxes.device
     b, k = shape_ids.shape
     hs, ws = height * supersample, width * supersample
-    ys = (torch.arange(hs, device=device, dtype=torch.float32) + 0.5) / hs
-    xs = (torch.arange(ws, device=device, dtype=torch.float32) + 0.5) / ws
+    ys = (torch.arange(hs, device=device, dtype=torch.float32) + 0.5) / supersample  # pixel units
+    xs = (torch.arange(ws, device=device, dtype=torch.float32) + 0.5) / supersample
     x0, y0, x1, y1 = (boxes[..., i].view(b, k, 1, 1) for i in range(4))
-    u = 2 * (xs.view(1, 1, 1, ws) - x0) / (x1 - x0).clamp_min(1e-6) - 1  # [-1, 1] across the box
-    v = 2 * (ys.view(1, 1, hs, 1) - y0) / (y1 - y0).clamp_min(1e-6) - 1
+    half = (torch.minimum((x1 - x0) * width, (y1 - y0) * height) / 2).clamp_min(1e-6)
+    cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
+    u = (xs.view(1, 1, 1, ws) - cx) / half  # [-1, 1] across the inscribed square
+    v = (ys.view(1, 1, hs, 1) - cy) / half
     u, v = torch.broadcast_tensors(u, v)
     au, av = u.abs(), v.abs()
     inside = (au <= 1) & (av <= 1)
@@ -180,6 +201,14 @@ def sprite_alpha(
     return F.avg_pool2d(mask.view(b * k, 1, hs, ws), supersample).view(b, k, height, width)
 
 
+def inscribed_box(box: "list[float]", height: int, width: int) -> list[float]:
+    """The normalized box of the square a sprite is drawn in (see `sprite_alpha`)."""
+    x0, y0, x1, y1 = box
+    side = min((x1 - x0) * width, (y1 - y0) * height)
+    cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
+    return [(cx - side / 2) / width, (cy - side / 2) / height, (cx + side / 2) / width, (cy + side / 2) / height]
+
+
 def render_batch(
     backgrounds: torch.Tensor,
     shape_ids: torch.Tensor,
@@ -189,13 +218,14 @@ def render_batch(
     height: int,
     width: int,
     generator: torch.Generator | None = None,
+    supersample: int = 4,
 ) -> torch.Tensor:
     """Render B scenes [B, 3, H, W] in [0, 1]. Sprites [B, K] are painted in order (later on top);
     `present` [B, K] (bool) switches sprites off so that scenes with fewer sprites share a batch."""
     image = render_backgrounds(backgrounds, height, width, generator)
     if shape_ids.shape[1] == 0:
         return image
-    alpha = sprite_alpha(shape_ids, boxes, height, width) * present.float().view(*present.shape, 1, 1)
+    alpha = sprite_alpha(shape_ids, boxes, height, width, supersample) * present.float().view(*present.shape, 1, 1)
     palette = torch.tensor([COLORS[c] for c in COLOR_NAMES], device=image.device, dtype=torch.float32)
     rgb = palette[color_ids]  # [B, K, 3]
     for j in range(shape_ids.shape[1]):
@@ -236,7 +266,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def render_scene(
     background: str,
     subjects: list[tuple["Sprite | str", list[float]]],
-    size: int | tuple[int, int] = 32,
+    size: int | tuple[int, int] = 64,
     seed: int = 0,
 ) -> Image.Image:
     """The ground-truth image of a scene: `render_scene("grass", [("red circle", [0.1, 0.1, 0.5, 0.5])])`."""
@@ -272,7 +302,10 @@ def sprite_reference(
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Case:
-    """One layout-guided multi-subject task: a prompt (naming the background only) and subjects in boxes."""
+    """One layout-guided multi-subject task: a prompt (naming the background only) and subjects in boxes.
+
+    `priorities` (None or one int per subject): where boxes overlap, the higher priority is drawn on top.
+    """
 
     background: str
     prompt: str
@@ -280,21 +313,42 @@ class Case:
     boxes: list[list[float]]
     seed: int
     references: list[Image.Image] = field(default_factory=list, repr=False)
+    priorities: list[int] | None = None
 
     @property
     def subjects(self) -> list[tuple[Sprite, list[float]]]:
         return list(zip(self.sprites, self.boxes))
 
-    def render(self, size: int | tuple[int, int] = 32) -> Image.Image:
+    def paint_order(self) -> list[int]:
+        """Subject indices from bottom to top (by priority, else list order: later on top)."""
+        if self.priorities is None:
+            return list(range(len(self.sprites)))
+        return sorted(range(len(self.sprites)), key=lambda i: (self.priorities[i], i))
+
+    def render(self, size: int | tuple[int, int] = 64) -> Image.Image:
         """The ideal output (the metrics' ceiling)."""
-        return render_scene(self.background, self.subjects, size=size, seed=self.seed)
+        subjects = self.subjects
+        return render_scene(self.background, [subjects[i] for i in self.paint_order()], size=size, seed=self.seed)
 
 
-# Per subject count: the range of a box's side (fraction of the image side).
-_BOX_SIDE = {1: (0.35, 0.7), 2: (0.3, 0.5), 3: (0.28, 0.45), 4: (0.25, 0.4), 5: (0.22, 0.36)}
+# Per subject count: the range of a box's side (fraction of the image side). The shortest side of a
+# box is never under 1/8 of the image (8 px at 64 px).
+_BOX_SIDE = {
+    1: (0.35, 0.7), 2: (0.3, 0.5), 3: (0.28, 0.45), 4: (0.25, 0.4), 5: (0.22, 0.36), 6: (0.2, 0.32), 7: (0.18, 0.3),
+}  # fmt: skip
+MIN_BOX_SIDE = 0.125
 # Case seeds are drawn from this range; training draws its data from torch generators seeded
 # with small integers and never sees these multi-subject layouts at all.
 EVAL_SEED_OFFSET = 1_000_003
+
+
+def _random_box(rng: random.Random, lo: float, hi: float) -> list[float]:
+    side = rng.uniform(lo, hi)
+    aspect = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
+    w = min(max(side * math.sqrt(aspect), MIN_BOX_SIDE), 0.95)
+    h = min(max(side / math.sqrt(aspect), MIN_BOX_SIDE), 0.95)
+    x0, y0 = rng.uniform(0.02, 0.98 - w), rng.uniform(0.02, 0.98 - h)
+    return [round(x0, 4), round(y0, 4), round(x0 + w, 4), round(y0 + h, 4)]
 
 
 def _sample_layout(rng: random.Random, n: int, gap: float = 0.03, tries: int = 2000) -> list[list[float]]:
@@ -304,11 +358,7 @@ def _sample_layout(rng: random.Random, n: int, gap: float = 0.03, tries: int = 2
         boxes: list[list[float]] = []
         for _ in range(n):
             for _ in range(200):
-                side = rng.uniform(lo, hi)
-                aspect = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
-                w, h = min(side * math.sqrt(aspect), 0.95), min(side / math.sqrt(aspect), 0.95)
-                x0, y0 = rng.uniform(0.02, 0.98 - w), rng.uniform(0.02, 0.98 - h)
-                box = [round(x0, 4), round(y0, 4), round(x0 + w, 4), round(y0 + h, 4)]
+                box = _random_box(rng, lo, hi)
                 if all(
                     box[0] >= o[2] + gap or o[0] >= box[2] + gap or box[1] >= o[3] + gap or o[1] >= box[3] + gap
                     for o in boxes
@@ -322,20 +372,76 @@ def _sample_layout(rng: random.Random, n: int, gap: float = 0.03, tries: int = 2
     raise RuntimeError(f"could not place {n} non-overlapping boxes")
 
 
+def overlap_fraction(a: list[float], b: list[float]) -> float:
+    """Intersection area over the smaller box's area."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return ix * iy / smaller
+
+
+OVERLAP_RANGE = (0.2, 0.5)
+
+
+def _sample_overlapping_layout(rng: random.Random, n: int, tries: int = 20000) -> list[list[float]]:
+    """n boxes (2 or 3) in a chain: each overlaps the previous one by OVERLAP_RANGE of the smaller box;
+    boxes that are not neighbours in the chain do not overlap."""
+    lo, hi = OVERLAP_RANGE
+    for _ in range(tries):
+        boxes = [_random_box(rng, 0.35, 0.55)]
+        for _ in range(n - 1):
+            for _ in range(500):
+                box = _random_box(rng, 0.35, 0.55)
+                if lo <= overlap_fraction(box, boxes[-1]) <= hi and all(overlap_fraction(box, o) == 0 for o in boxes[:-1]):
+                    boxes.append(box)
+                    break
+            else:
+                break
+        if len(boxes) == n:
+            return boxes
+    raise RuntimeError(f"could not place {n} overlapping boxes")
+
+
+def _case(rng: random.Random, n_subjects: int, seed: int, boxes, background, reference_size, priorities=None) -> Case:
+    background = background or rng.choice(BACKGROUNDS)
+    distinct = min(n_subjects, len(COLOR_NAMES))
+    colors = rng.sample(COLOR_NAMES, distinct) + [rng.choice(COLOR_NAMES) for _ in range(n_subjects - distinct)]
+    sprites = [Sprite(rng.choice(SHAPES), c) for c in colors]
+    references = [sprite_reference(s, size=reference_size, seed=seed + i) for i, s in enumerate(sprites)]
+    return Case(background, DEFAULT_PROMPTS[background], sprites, boxes, seed, references, priorities)
+
+
 def make_case(n_subjects: int, seed: int, background: str | None = None, reference_size: int = 32) -> Case:
-    """One seeded case: a background, `n_subjects` sprites of distinct colours, non-overlapping boxes."""
+    """One seeded case: a background, `n_subjects` sprites and non-overlapping boxes. Colours are
+    distinct up to 5 subjects (segmentation stays unambiguous); 6 and 7 subjects repeat colours."""
     if n_subjects not in _BOX_SIDE:
         raise ValueError(f"n_subjects must be in {sorted(_BOX_SIDE)}; got {n_subjects}")
     rng = random.Random(seed)
     background = background or rng.choice(BACKGROUNDS)
-    colors = rng.sample(COLOR_NAMES, n_subjects)  # distinct colours: segmentation stays unambiguous
-    sprites = [Sprite(rng.choice(SHAPES), c) for c in colors]
     boxes = _sample_layout(rng, n_subjects)
-    references = [sprite_reference(s, size=reference_size, seed=seed + i) for i, s in enumerate(sprites)]
-    return Case(background, DEFAULT_PROMPTS[background], sprites, boxes, seed, references)
+    return _case(rng, n_subjects, seed, boxes, background, reference_size)
 
 
-def make_cases(n_subjects: int, n_cases: int, seed: int = 0) -> list[Case]:
-    """`n_cases` held-out cases with `n_subjects` each; reproducible from `seed`."""
-    base = EVAL_SEED_OFFSET + 1_000_000 * seed + 10_000 * n_subjects
-    return [make_case(n_subjects, base + i) for i in range(n_cases)]
+def make_overlap_case(n_subjects: int, seed: int, reference_size: int = 32) -> Case:
+    """A case of the overlap family: 2-3 subjects whose boxes overlap (a chain, 20-50% of the smaller
+    box), distinct explicit priorities; the highest-priority subject is listed first in even seeds and
+    last in odd ones."""
+    if n_subjects not in (2, 3):
+        raise ValueError(f"overlap cases have 2 or 3 subjects; got {n_subjects}")
+    rng = random.Random(seed)
+    background = rng.choice(BACKGROUNDS)
+    boxes = _sample_overlapping_layout(rng, n_subjects)
+    priorities = list(range(n_subjects, 0, -1)) if seed % 2 == 0 else list(range(1, n_subjects + 1))
+    # shuffle which chain position gets which priority, keeping "highest first/last" in the list order
+    order = list(range(n_subjects))
+    rng.shuffle(order)
+    boxes = [boxes[i] for i in order]
+    return _case(rng, n_subjects, seed, boxes, background, reference_size, priorities)
+
+
+def make_cases(n_subjects: int, n_cases: int, seed: int = 0, overlap: bool = False) -> list[Case]:
+    """`n_cases` held-out cases with `n_subjects` each; reproducible from `seed` (seed 0: the reported
+    set; seed 1: validation, used to choose sampling defaults)."""
+    base = EVAL_SEED_OFFSET + 1_000_000 * seed + 10_000 * n_subjects + (500_000 if overlap else 0)
+    make = make_overlap_case if overlap else make_case
+    return [make(n_subjects, base + i) for i in range(n_cases)]
