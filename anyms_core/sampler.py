@@ -8,16 +8,22 @@ the predicted clean image (x0) at every step, and timings.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
+import hashlib
+import inspect
+import math
 import time
+import warnings
 from dataclasses import asdict
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .layout import Subject, subject_names, validate_subjects
+from .config import RunConfig
+from .layout import Subject, image_digest, validate_subjects
 from .recording import RecordConfig
 from .run import Run
 from .session import decoupled
@@ -64,30 +70,48 @@ class AnyMS:
         priority_rule: str = "order",
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        **pipeline_kwargs: Any,
     ) -> Run:
         """Generates one composition and returns a :class:`Run`.
 
         Arguments left as None take the pipeline's own defaults; the values actually used are in
-        ``run.config``. ``seed`` seeds a CPU generator, so a seed gives the same image on any device.
-        ``callback``, if given, is called after every denoising step with a plain dict (k-diffusion
-        style): ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the step's x0 preview or None).
+        ``run.config`` (a :class:`~anyms_core.config.RunConfig`, validated before the pipeline runs).
+        ``seed`` seeds a CPU generator, so a seed gives the same image on any device.
+        ``pipeline_kwargs``: any further keyword argument of the pipeline's ``__call__`` (``image=``,
+        ``strength=``, ``prompt_2=``, ``callback_on_step_end=`` ...), checked against its signature and
+        recorded in ``run.config.pipeline`` (images by the hash of their pixels).
+        ``callback``, if given, is called after every UNet call with a plain dict (k-diffusion style):
+        ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the x0 preview or None).
         """
         pipe = self.pipe
         subjects = validate_subjects(subjects)
         record_config = RecordConfig.from_arg(record)
+        pipeline_kwargs = check_pipeline_kwargs(pipe, pipeline_kwargs)
+        requested = RunConfig(
+            prompt=prompt, subjects=tuple(subject.to_config() for subject in subjects), variant=variant, seed=seed,
+            steps=num_inference_steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale,
+            height=height, width=width, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+            priority_rule=priority_rule, model=self.model_name,
+            record=None if record_config is None else asdict(record_config),
+            pipeline=describe_pipeline_kwargs(pipeline_kwargs),
+        )
         call_kwargs = {
             key: value for key, value in dict(
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                width=width, negative_prompt=negative_prompt,
+                num_inference_steps=requested.steps, guidance_scale=requested.guidance_scale, height=requested.height,
+                width=requested.width, negative_prompt=negative_prompt,
             ).items() if value is not None
         }
+        if previews and not _has_x0_prediction(pipe):
+            warnings.warn(f"{type(pipe.scheduler).__name__} has no alphas_cumprod (an EDM/flow scheduler): "
+                          "per-step x0 previews are off for this run.", stacklevel=2)
+            previews = False
         step_times: list[float] = []
         start_time = [time.perf_counter()]
         preview_images: list[np.ndarray] = []
 
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(decoupled(
-                pipe, subjects, variant=variant, record=record_config, ip_adapter_scale=ip_adapter_scale,
+                pipe, subjects, variant=variant, record=record_config, ip_adapter_scale=requested.ip_adapter_scale,
                 priority_rule=priority_rule, prompt=prompt,
             ))
             stack.enter_context(_progress_bar(pipe, enabled=progress))
@@ -100,33 +124,127 @@ class AnyMS:
             start = start_time[0] = time.perf_counter()
             output = pipe(
                 prompt, ip_adapter_image=session.ip_adapter_image, num_images_per_prompt=num_images_per_prompt,
-                generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs,
+                generator=torch.Generator("cpu").manual_seed(requested.seed), **call_kwargs, **pipeline_kwargs,
             )
             total = time.perf_counter() - start
         images = list(output.images)
         per_step = [b - a for a, b in zip([start] + step_times[:-1], step_times)]
-        config = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "subjects": [
-                {"name": name, "box": list(subject.box), "priority": subject.priority}
-                for name, subject in zip(subject_names(subjects), subjects)
-            ],
-            "variant": variant,
-            "seed": seed,
-            "steps": len(step_times),
-            "guidance_scale": float(getattr(pipe, "guidance_scale", guidance_scale or 0.0)),
-            "ip_adapter_scale": ip_adapter_scale if ip_adapter_scale is None or isinstance(ip_adapter_scale, (int, float)) else list(ip_adapter_scale),
-            "height": images[0].height,
-            "width": images[0].width,
-            "num_images_per_prompt": num_images_per_prompt,
-            "priority_rule": priority_rule,
-            "model": self.model_name,
-            "record": None if record_config is None else asdict(record_config),
-        }
-        config = json.loads(json.dumps(config))  # exactly what Run.save writes and Run.load reads back
-        timings = {"total": total, "per_step": per_step, "steps_per_s": len(per_step) / total if total > 0 else None}
+        # the scheduler's steps (what num_inference_steps means), not UNet calls: Heun/KDPM2 call it twice a step
+        steps = requested.steps or getattr(pipe.scheduler, "num_inference_steps", None) or len(step_times)
+        used_guidance = getattr(pipe, "guidance_scale", guidance_scale)
+        config = dataclasses.replace(
+            requested, steps=int(steps),
+            guidance_scale=None if used_guidance is None else float(used_guidance),
+            height=images[0].height, width=images[0].width,
+        )
+        timings = {"total": total, "per_step": per_step, "steps_per_s": len(per_step) / total if total > 0 else None,
+                   "unet_calls": len(step_times)}
         return Run(images, config, [s.image for s in subjects], session.attention, preview_images, timings)
+
+
+    def generate_from_config(self, config: RunConfig, subjects: Sequence[Subject] | None = None, *,
+                             record: RecordConfig | bool | str | Sequence[str] | dict | None | type(...) = ...,
+                             previews: bool = True, progress: bool = False,
+                             callback: Callable[[dict], None] | None = None, **pipeline_kwargs: Any) -> Run:
+        """Generates what ``config`` describes (e.g. ``Run.load(path).config``, or a case file).
+
+        ``subjects``: the subjects with their reference images; by default ``config``'s subjects must
+        name image files (``image`` a path). ``pipeline_kwargs`` replace ``config.pipeline``, which is
+        used as it is otherwise (its values must then be plain JSON values, not recorded hashes).
+        ``record``: by default ``config.record``.
+        """
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"config must be a RunConfig, got {type(config).__name__}; use RunConfig.from_dict(...).")
+        if subjects is None:
+            subjects = [Subject(image=_config_image(s), box=s.box, name=s.name, priority=s.priority) for s in config.subjects]
+        subjects = validate_subjects(subjects)
+        if len(subjects) != len(config.subjects):
+            raise ValueError(f"config has {len(config.subjects)} subjects, got {len(subjects)} Subject(s).")
+        for index, (subject, expected) in enumerate(zip(subjects, config.subjects)):
+            if tuple(subject.box) != tuple(expected.box) or subject.priority != expected.priority:
+                raise ValueError(f"subjects[{index}] has box {list(subject.box)} and priority {subject.priority}, "
+                                 f"but config.subjects[{index}] has {list(expected.box)} and {expected.priority}.")
+        if not pipeline_kwargs:
+            recorded = sorted(name for name, value in config.pipeline.items() if isinstance(value, dict)
+                              and ({"sha256", "callable", "repr", "path"} & set(value)))
+            if recorded:
+                raise ValueError(f"config.pipeline records {recorded} by hash, name or path: pass them again as keywords.")
+            pipeline_kwargs = dict(config.pipeline)
+        return self.generate(
+            config.prompt, subjects, variant=config.variant, seed=config.seed, num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale, ip_adapter_scale=config.ip_adapter_scale, height=config.height,
+            width=config.width, record=config.record if record is ... else record, previews=previews,
+            negative_prompt=config.negative_prompt, num_images_per_prompt=config.num_images_per_prompt,
+            priority_rule=config.priority_rule, progress=progress, callback=callback, **pipeline_kwargs,
+        )
+
+
+def _config_image(subject) -> str:
+    if subject.image is None or subject.image.startswith(("sha256:", "toy:")):
+        if subject.image and subject.image.startswith("toy:"):
+            from .toy import sprite_reference
+
+            return sprite_reference(subject.image.removeprefix("toy:").strip())
+        raise ValueError(f"subject {subject.name!r} has no image file in the config ({subject.image!r}): "
+                         "pass subjects= with its reference image.")
+    return subject.image
+
+
+# Arguments generate() passes itself; the rest of the pipeline's __call__ may be given as keywords.
+RESERVED_PIPELINE_ARGS = {
+    "prompt": "the first argument of generate()",
+    "ip_adapter_image": "generate() passes the subjects' images",
+    "ip_adapter_image_embeds": "generate() passes the subjects' images",
+    "generator": "use seed=",
+    "output_type": "a Run holds PIL images",
+    "return_dict": "generate() reads the pipeline's output object",
+}
+
+
+def check_pipeline_kwargs(pipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Checks extra keyword arguments against the pipeline's ``__call__`` signature; a ``TypeError`` names
+    any that it does not accept (or that generate() sets itself)."""
+    reserved = sorted(set(kwargs) & set(RESERVED_PIPELINE_ARGS))
+    if reserved:
+        raise TypeError("generate() sets " + "; ".join(f"{name!r} itself ({RESERVED_PIPELINE_ARGS[name]})" for name in reserved) + ".")
+    parameters = inspect.signature(pipe.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        accepted = sorted(set(parameters) - set(RESERVED_PIPELINE_ARGS) - {"self"})
+        raise TypeError(f"{type(pipe).__name__}.__call__ does not take {unknown}; it takes {accepted}.")
+    return dict(kwargs)
+
+
+def describe_pipeline_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-able record of extra pipeline arguments: plain values as they are, images and tensors by
+    the hash of their contents, callables by name (these cannot be replayed from the record alone)."""
+    return {name: _describe(value) for name, value in kwargs.items()}
+
+
+def _describe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Image.Image):
+        return {"sha256": image_digest(value.convert("RGB")), "size": list(value.size)}
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return {"sha256": "sha256:" + hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest(),
+                "shape": list(array.shape), "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if callable(value):
+        return {"callable": getattr(value, "__qualname__", type(value).__name__)}
+    return {"repr": repr(value)}
+
+
+def _has_x0_prediction(pipe) -> bool:
+    return getattr(pipe.scheduler, "alphas_cumprod", None) is not None
 
 
 @contextlib.contextmanager
