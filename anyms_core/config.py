@@ -51,7 +51,7 @@ def real_number(value: Any, what: str, minimum: float | None = None, maximum: fl
         raise ConfigError(f"{what} must be a number, got {type(value).__name__} {value!r}.")
     number = float(value)
     if not math.isfinite(number):
-        raise ConfigError(f"{what} must be finite, got {number}.")
+        raise ConfigError(f"{what} must be finite (not NaN or infinity), got {number}.")
     if minimum is not None and number < minimum:
         raise ConfigError(f"{what} must be >= {minimum}, got {number}.")
     if maximum is not None and number > maximum:

@@ -76,6 +76,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.round(np.clip(array / peak, 0, 1) * 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first (PIL has no La -> RGB)
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
