@@ -7,6 +7,7 @@ huggingface_hub) when something is missing.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ def load_with_ip_adapter(
     pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
     try:
-        pipe = pipeline_class.from_pretrained(os.fspath(base), torch_dtype=dtype or torch.float32, variant=variant, **extra)
+        pipe = pipeline_class.from_pretrained(os.fspath(base), dtype=dtype or torch.float32, variant=variant, **extra)
         pipe.load_ip_adapter(os.fspath(ip_adapter), subfolder=weights.subfolder, weight_name=weights.weight_name,
                              image_encoder_folder=weights.image_encoder_folder)
     except OSError as error:
@@ -234,6 +235,10 @@ def _check_local_folder(path: str | os.PathLike, required: list[str], what: str,
         return
     folder = Path(path)
     missing = [name for name in required if not (folder / name).exists()]
+    variants = sorted({p.name.split(".")[-2] for p in folder.glob("unet/diffusion_pytorch_model.*.safetensors")})
+    if missing and variants and "unet/config.json" not in missing:
+        raise ValueError(f"The {what} folder {os.fspath(folder)!r} lacks {missing} but holds the weight variant(s) "
+                         f"{variants}: pass variant={variants[0]!r} (in a case file: \"variant\": {json.dumps(variants[0])}).")
     if missing:
         local = f"{download} --local-dir {folder}"
         raise ValueError(

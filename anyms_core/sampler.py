@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import RunConfig
-from .layout import Subject, image_digest, validate_subjects
+from .layout import Subject, image_digest, subject_names, validate_subjects
 from .recording import RecordConfig
 from .run import Run
 from .session import decoupled
@@ -88,7 +88,9 @@ class AnyMS:
         record_config = RecordConfig.from_arg(record)
         pipeline_kwargs = check_pipeline_kwargs(pipe, pipeline_kwargs)
         requested = RunConfig(
-            prompt=prompt, subjects=tuple(subject.to_config() for subject in subjects), variant=variant, seed=seed,
+            prompt=prompt, variant=variant, seed=seed,
+            subjects=tuple(dataclasses.replace(subject.to_config(), name=name)
+                           for subject, name in zip(subjects, subject_names(subjects))),
             steps=num_inference_steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale,
             height=height, width=width, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
             priority_rule=priority_rule, model=self.model_name,
