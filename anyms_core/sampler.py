@@ -82,6 +82,11 @@ class AnyMS:
         recorded in ``run.config.pipeline`` (images by the hash of their pixels).
         ``callback``, if given, is called after every UNet call with a plain dict (k-diffusion style):
         ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the x0 preview or None).
+
+        Steps: ``run.config.steps`` is the scheduler's ``num_inference_steps`` (what replays the run);
+        previews, the callback and the attention maps count UNet calls, which are more for Heun/KDPM2
+        (two per step) and PNDM (a warm-up call); ``run.timings["unet_calls"]`` says how many. Schedulers
+        without ``alphas_cumprod`` (EDM) get no x0 previews (a warning says so).
         """
         pipe = self.pipe
         subjects = validate_subjects(subjects)
