@@ -55,11 +55,13 @@ FAMILIES = {"sdxl": (SDXL_BASE, SDXL_IP_ADAPTERS), "sd15": (SD15_BASE, SD15_IP_A
 MODEL_NAMES = ("toy", "tiny-sdxl", "tiny-sd15", "sdxl", "sd15")
 MODEL_OPTIONS = {
     "toy": ("weights",),
-    "tiny-sdxl": ("ip_adapter", "seed"),
-    "tiny-sd15": ("ip_adapter", "seed"),
-    "sdxl": ("base", "ip_adapter", "adapter", "variant"),
-    "sd15": ("base", "ip_adapter", "adapter", "variant"),
+    "tiny-sdxl": ("ip_adapter", "seed", "task"),
+    "tiny-sd15": ("ip_adapter", "seed", "task"),
+    "sdxl": ("base", "ip_adapter", "adapter", "variant", "task"),
+    "sd15": ("base", "ip_adapter", "adapter", "variant", "task"),
 }
+# task -> the diffusers auto pipeline that shares the loaded components (UNet with its IP-Adapter included)
+TASKS = ("text2img", "img2img", "inpaint")
 
 
 def check_model_spec(model: str | Mapping[str, Any] | None) -> tuple[str, dict]:
@@ -82,6 +84,8 @@ def check_model_spec(model: str | Mapping[str, Any] | None) -> tuple[str, dict]:
         raise ValueError(f"Unknown {name.upper()} IP-Adapter {spec['adapter']!r}; choose one of {sorted(FAMILIES[name][1])}.")
     if name in ("tiny-sdxl", "tiny-sd15") and spec.get("ip_adapter", "base") not in ("base", "plus"):
         raise ValueError(f"Model {name!r} takes ip_adapter 'base' or 'plus', got {spec['ip_adapter']!r}.")
+    if spec.get("task", "text2img") not in TASKS:
+        raise ValueError(f"Model {name!r}: task must be one of {list(TASKS)}, got {spec['task']!r}.")
     for key in ("base", "ip_adapter", "weights", "variant"):
         if key in spec and name not in ("tiny-sdxl", "tiny-sd15") and not isinstance(spec[key], (str, os.PathLike)):
             raise ValueError(f"Model {name!r}: {key!r} must be a path or hub id, got {spec[key]!r}.")
@@ -119,13 +123,30 @@ def load_pipeline(
         build = tiny_sdxl_pipeline if name == "tiny-sdxl" else tiny_sd15_pipeline
         pipe = build(ip_adapter=spec.get("ip_adapter", "base"), seed=int(spec.get("seed", 0)))
         pipe.anyms_model_name = name
-        return pipe.to(device)
-    default_base, _ = FAMILIES[name]
-    return load_with_ip_adapter(
-        name, base=spec.get("base", default_base), ip_adapter=spec.get("ip_adapter", IP_ADAPTER_REPO),
-        adapter=spec.get("adapter", "base"), device=device, variant=spec.get("variant", variant), base_dir=base_dir,
-        dtype=dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32),
-    )
+        pipe = pipe.to(device)
+    else:
+        default_base, _ = FAMILIES[name]
+        pipe = load_with_ip_adapter(
+            name, base=spec.get("base", default_base), ip_adapter=spec.get("ip_adapter", IP_ADAPTER_REPO),
+            adapter=spec.get("adapter", "base"), device=device, variant=spec.get("variant", variant), base_dir=base_dir,
+            dtype=dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32),
+        )
+    return for_task(pipe, spec.get("task", "text2img"))
+
+
+def for_task(pipe, task: str):
+    """The same components (UNet and IP-Adapter included, nothing copied) as an img2img or inpainting pipeline."""
+    if task == "text2img":
+        return pipe
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}.")
+    auto = AutoPipelineForImage2Image if task == "img2img" else AutoPipelineForInpainting
+    converted = auto.from_pipe(pipe)
+    converted.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    converted.anyms_model_name = f"{pipe.anyms_model_name}:{task}"
+    return converted
 
 
 def load_with_ip_adapter(
