@@ -107,10 +107,16 @@ class Run:
         try:
             self._write(staging)
             if directory.exists():
-                # replace whole: move the old directory aside first, so a failure can never mix the two
+                # replace whole: move the old directory aside first, so a failure can never mix the two,
+                # and put it back if the new one cannot take its place
                 retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
                 os.replace(directory, retired / "run")
-                os.replace(staging, directory)
+                try:
+                    os.replace(staging, directory)
+                except BaseException:
+                    os.replace(retired / "run", directory)
+                    shutil.rmtree(retired, ignore_errors=True)
+                    raise
                 shutil.rmtree(retired, ignore_errors=True)
             else:
                 os.replace(staging, directory)
