@@ -159,3 +159,21 @@ def test_train_toy_reaches_its_parser(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["train-toy", "--minutes"])
     assert exit.value.code == 2 and "--minutes: expected one argument" in capsys.readouterr().err
+
+
+def test_demo_writes_its_folder_whole_and_refuses_to_mix(tmp_path, monkeypatch, capsys):
+    from anyms_viz import figures
+    from anyms_viz.cli import main as anyms
+
+    # the figures are tested in test_figures.py; here only what the command writes where
+    monkeypatch.setattr(figures, "plot_comparison", lambda *a, **k: None)
+    monkeypatch.setattr(figures, "plot_attention", lambda *a, **k: None)
+    monkeypatch.setattr(figures, "save", lambda fig, path, dpi=300: [path.write_bytes(b"png") or path])
+    out = tmp_path / "demo"
+    assert anyms(["demo", "--out", str(out)]) == 0
+    expected = {"anyms.png", "mask.png", "none.png", "comparison.png", "attention.png", "comparison_with_differences.png", "runs"}
+    assert {p.name for p in out.iterdir()} == expected and sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    (out / "stale.txt").write_text("from an older demo")
+    assert anyms(["demo", "--out", str(out)]) == 2 and "not empty" in capsys.readouterr().err
+    assert anyms(["demo", "--out", str(out), "--overwrite"]) == 0
+    assert {p.name for p in out.iterdir()} == expected  # replaced whole: the stale file is gone
