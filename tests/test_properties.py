@@ -13,7 +13,8 @@ from anyms_core import ConfigError, RunConfig, Subject
 from anyms_core.config import MAX_SEED, validate_box
 from anyms_core.layout import box_to_cells, load_reference_image
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=60, deadline=None, database=None,  # no .hypothesis folder in the checkout
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 unit = st.floats(0.0, 1.0, allow_nan=False)
 anything = st.floats(allow_nan=True, allow_infinity=True)
 

@@ -177,3 +177,22 @@ def test_edm_scheduler_disables_previews_with_a_note(tiny_sdxl):
     finally:
         tiny_sdxl.scheduler = original
     assert run.previews == [] and run.config.steps == 2 and run.image.size == (64, 64)
+
+
+def test_runs_saved_in_format_1_still_load(saved, tmp_path):
+    path = copy_of(saved, tmp_path)
+
+    def to_format_1(record):
+        record["format_version"] = 1
+        del record["arrays"]
+        for key in ("schema_version", "pipeline"):
+            del record["config"][key]
+        for subject in record["config"]["subjects"]:
+            del subject["image"]
+
+    _edit(path, to_format_1)
+    loaded = Run.load(path)
+    assert loaded.config.subjects[0].image is None and loaded.attention is not None and len(loaded.previews) == 2
+    (path / "arrays.safetensors").unlink()
+    with pytest.raises(ValueError, match="arrays.safetensors is missing"):
+        Run.load(path)
