@@ -185,8 +185,10 @@ def load_with_ip_adapter(
         pipe.load_ip_adapter(os.fspath(ip_adapter), subfolder=weights.subfolder, weight_name=weights.weight_name,
                              image_encoder_folder=weights.image_encoder_folder)
     except OSError as error:
+        detail = " ".join(str(error).split())
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
         raise ValueError(
-            f"Could not load {family.upper()} + IP-Adapter {adapter!r} ({' '.join(str(error).split())[:300]}). "
+            f"Could not load {family.upper()} + IP-Adapter {adapter!r} ({detail}). "
             f"Download them first: `{_base_download(default_base, variant)}` and `{_adapter_download(weights)}`, "
             "or pass local folders with the same layout."
         ) from None

@@ -98,3 +98,31 @@ def test_case_file_pipeline_section_drives_img2img_and_inpainting(tmp_path, task
 def test_unknown_task():
     with pytest.raises(ValueError, match="task must be one of"):
         load_pipeline({"name": "tiny-sd15", "task": "video"})
+
+
+def test_hub_ids_load_from_the_hf_cache_offline_and_say_what_to_download(tmp_path):
+    """Run in a subprocess: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    save_fake_hub_folders(tmp_path / "sdxl", tmp_path / "ip", "sdxl", "base")
+    revision = "0" * 40
+    for repo, folder in (("stabilityai/stable-diffusion-xl-base-1.0", tmp_path / "sdxl"), ("h94/IP-Adapter", tmp_path / "ip")):
+        root = cache / ("models--" + repo.replace("/", "--"))
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(revision)
+        shutil.copytree(folder, root / "snapshots" / revision)
+    code = ("from anyms_core.models import load_pipeline\n"
+            "pipe = load_pipeline('sdxl', device='cpu'); print('loaded', pipe.anyms_model_name)\n"
+            "try:\n    load_pipeline('sd15', device='cpu')\nexcept ValueError as error:\n    print('error', error)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert "loaded sdxl+ip-adapter:base" in lines
+    error = next(line for line in lines if line.startswith("error"))
+    assert ('`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "model_index.json"' in error
+            and '`hf download h94/IP-Adapter --include "models/ip-adapter_sd15.safetensors" --include "models/image_encoder/*"`' in error)
