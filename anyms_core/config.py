@@ -271,6 +271,9 @@ class RunConfig:
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
 
+    def __hash__(self) -> int:  # dict fields (model, record, pipeline) hash by their JSON text
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with ``changes`` applied (and validated again)."""
         return RunConfig.from_dict({**self.to_dict(), **changes})

@@ -34,6 +34,7 @@ def test_round_trip_through_json_is_exact():
 
 def test_frozen():
     value = config()
+    assert hash(value) == hash(config()) and len({value, config(), config(seed=1)}) == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         value.seed = 3
     with pytest.raises(dataclasses.FrozenInstanceError):
