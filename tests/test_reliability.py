@@ -1,7 +1,6 @@
 """Bad inputs fail loudly before the pipeline runs; runs are saved atomically and never mixed; errors name files."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
