@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import math
@@ -108,13 +109,7 @@ class AnyMS:
                 width=requested.width, negative_prompt=negative_prompt,
             ).items() if value is not None
         }
-        if previews and not _has_x0_prediction(pipe):
-            warnings.warn(f"{type(pipe.scheduler).__name__} has no alphas_cumprod (an EDM/flow scheduler): "
-                          "per-step x0 previews are off for this run.", stacklevel=2)
-            previews = False
-        step_times: list[float] = []
-        start_time = [time.perf_counter()]
-        preview_images: list[np.ndarray] = []
+        observer = _StepObserver(pipe, previews, callback)
 
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(decoupled(
@@ -122,18 +117,18 @@ class AnyMS:
                 priority_rule=priority_rule, prompt=prompt,
             ))
             stack.enter_context(_progress_bar(pipe, enabled=progress))
-            handle = pipe.unet.register_forward_hook(
-                lambda module, args, kwargs, output: _on_unet_output(
-                    pipe, args, kwargs, output, step_times, preview_images if previews else None, callback, start_time),
-                with_kwargs=True,
-            )
-            stack.callback(handle.remove)
-            start = start_time[0] = time.perf_counter()
+            stack.enter_context(observer.installed())
+            start = observer.start = time.perf_counter()
             output = pipe(
                 prompt, ip_adapter_image=session.ip_adapter_image, num_images_per_prompt=num_images_per_prompt,
                 generator=torch.Generator("cpu").manual_seed(requested.seed), **call_kwargs, **pipeline_kwargs,
             )
+            observer.finish()
             total = time.perf_counter() - start
+        if observer.without_x0:
+            warnings.warn(f"{type(pipe.scheduler).__name__} gives no x0 prediction and has no alphas_cumprod "
+                          f"(an EDM/flow scheduler): per-step x0 previews are off for this run.", stacklevel=2)
+        step_times, preview_images = observer.times, ([] if observer.without_x0 else observer.previews)
         images = list(output.images)
         per_step = [b - a for a, b in zip([start] + step_times[:-1], step_times)]
         # the scheduler's steps (what num_inference_steps means), not UNet calls: Heun/KDPM2 call it twice a step
@@ -250,10 +245,6 @@ def _describe(value: Any) -> Any:
     return {"repr": repr(value)}
 
 
-def _has_x0_prediction(pipe) -> bool:
-    return getattr(pipe.scheduler, "alphas_cumprod", None) is not None
-
-
 @contextlib.contextmanager
 def _progress_bar(pipe, enabled: bool):
     previous = dict(getattr(pipe, "_progress_bar_config", {}))
@@ -264,19 +255,82 @@ def _progress_bar(pipe, enabled: bool):
         pipe._progress_bar_config = previous
 
 
-def _on_unet_output(pipe, args, kwargs, output, step_times: list[float], previews: list[np.ndarray] | None,
-                    callback: Callable[[dict], None] | None, start_time: list[float]) -> None:
-    step_times.append(time.perf_counter())
-    preview = None
-    if previews is not None:
+class _StepObserver:
+    """Per UNet call: the time, an x0 preview and the user's callback.
+
+    The preview is the scheduler's own x0 (``pred_original_sample`` of its ``step`` output) where it gives
+    one (DDIM, Euler, Heun, LMS, EDM Euler ...), else the VP formula of :func:`predicted_clean_sample`
+    from the UNet's input and output (schedulers with ``alphas_cumprod``); with neither, previews are off.
+    """
+
+    def __init__(self, pipe, previews: bool, callback: Callable[[dict], None] | None):
+        self.pipe, self.previews_on, self.callback = pipe, previews, callback
+        self.times: list[float] = []
+        self.previews: list[np.ndarray] = []
+        self.without_x0 = False
+        self.start = time.perf_counter()
+        self._pending: tuple | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        pipe = self.pipe
+        handle = pipe.unet.register_forward_hook(self._after_unet, with_kwargs=True)
+        scheduler = pipe.scheduler
+        had_own_step = "step" in vars(scheduler)
+        original_step = scheduler.step
+        signature = inspect.signature(original_step)
+
+        @functools.wraps(original_step)  # keeps its signature: pipelines pass generator= only if step() names it
+        def step(*args, **kwargs):
+            # ask for the output object (same computation) to read its named x0, then answer as asked
+            bound = signature.bind(*args, **kwargs)
+            wants_dict = bound.arguments.get("return_dict", True)
+            bound.arguments["return_dict"] = True
+            result = original_step(*bound.args, **bound.kwargs)
+            self._finish(getattr(result, "pred_original_sample", None))
+            return result if wants_dict else result.to_tuple()
+
+        scheduler.step = step
+        try:
+            yield self
+        finally:
+            handle.remove()
+            if had_own_step:
+                scheduler.step = original_step
+            else:
+                del scheduler.step
+
+    def _after_unet(self, module, args, kwargs, output) -> None:
+        self._finish(None)  # a UNet call whose scheduler step never came (a custom loop)
+        self.times.append(time.perf_counter())
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         prediction = output[0] if isinstance(output, tuple) else output.sample
-        preview = _preview_rgb(pipe, predicted_clean_sample(pipe, sample, timestep, prediction))
-        previews.append(preview)
-    if callback is not None:
-        callback({"step": len(step_times) - 1, "num_steps": len(pipe.scheduler.timesteps),
-                  "elapsed": step_times[-1] - start_time[0], "preview": preview})
+        self._pending = (sample, timestep, prediction)
+
+    def finish(self) -> None:
+        self._finish(None)
+
+    def _finish(self, own_x0: torch.Tensor | None) -> None:
+        if self._pending is None:
+            return
+        sample, timestep, prediction = self._pending
+        self._pending = None
+        preview = None
+        if self.previews_on and not self.without_x0:
+            if own_x0 is not None:
+                x0 = own_x0[:1].float()
+            elif getattr(self.pipe.scheduler, "alphas_cumprod", None) is not None:
+                x0 = predicted_clean_sample(self.pipe, sample, timestep, prediction)
+            else:
+                x0 = None
+                self.without_x0 = True
+            if x0 is not None:
+                preview = _preview_rgb(self.pipe, x0)
+                self.previews.append(preview)
+        if self.callback is not None:
+            self.callback({"step": len(self.times) - 1, "num_steps": len(self.pipe.scheduler.timesteps),
+                           "elapsed": self.times[-1] - self.start, "preview": preview})
 
 
 def predicted_clean_sample(pipe, sample: torch.Tensor, timestep, prediction: torch.Tensor) -> torch.Tensor:

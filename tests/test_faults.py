@@ -25,7 +25,8 @@ def plain_call(pipe):
 def snapshot(pipe):
     unet = pipe.unet
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
-    return dict(unet.attn_processors), hooks, dict(getattr(pipe, "_progress_bar_config", {}))
+    return (dict(unet.attn_processors), hooks, dict(getattr(pipe, "_progress_bar_config", {})),
+            "step" in vars(pipe.scheduler))  # generate() wraps scheduler.step for the x0 previews
 
 
 class Boom(Exception):
