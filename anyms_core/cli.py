@@ -277,6 +277,11 @@ def run_reporting_errors(handler: Callable[[], int], debug: bool) -> int:
             raise
         print("anyms: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exit:  # a delegated module's `raise SystemExit("message")`
+        if debug or not isinstance(exit.code, str):
+            raise
+        print(f"anyms: error: {' '.join(exit.code.split())}", file=sys.stderr)
+        return 1
     except Exception as error:  # noqa: BLE001 - every error reaches the user as one line
         if debug:
             raise

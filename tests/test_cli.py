@@ -177,3 +177,15 @@ def test_demo_writes_its_folder_whole_and_refuses_to_mix(tmp_path, monkeypatch, 
     assert anyms(["demo", "--out", str(out)]) == 2 and "not empty" in capsys.readouterr().err
     assert anyms(["demo", "--out", str(out), "--overwrite"]) == 0
     assert {p.name for p in out.iterdir()} == expected  # replaced whole: the stale file is gone
+
+
+def test_a_delegated_command_s_message_exit_is_one_line(capsys, tmp_path):
+    from anyms_core.cli import run_reporting_errors
+
+    def handler():
+        raise SystemExit("--device cuda given but torch.cuda.is_available() is False")
+
+    assert run_reporting_errors(handler, debug=False) == 1
+    assert error_line(capsys) == "anyms: error: --device cuda given but torch.cuda.is_available() is False"
+    with pytest.raises(SystemExit):
+        run_reporting_errors(lambda: (_ for _ in ()).throw(SystemExit(0)), debug=False)  # a plain exit stays one
