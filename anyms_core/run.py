@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,13 +103,13 @@ class Run:
             raise FileExistsError(f"Cannot save the run to {directory}: the directory is not empty "
                                   "(pass overwrite=True to replace it whole).")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+        staging = sibling_folder(directory, "partial")
         try:
             self._write(staging)
             if directory.exists():
                 # replace whole: move the old directory aside first, so a failure can never mix the two,
                 # and put it back if the new one cannot take its place
-                retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+                retired = sibling_folder(directory, "old")
                 os.replace(directory, retired / "run")
                 try:
                     os.replace(staging, directory)
@@ -196,6 +196,19 @@ class Run:
             raise ValueError(f"{path}: field 'attention' is malformed ({type(error).__name__}: {error}).") from None
         previews = list(tensors["previews"].numpy()) if "previews" in tensors else []
         return cls(images, config, subject_images, attention, previews, record["timings"])
+
+
+def sibling_folder(directory: Path, kind: str) -> Path:
+    """A new hidden folder beside ``directory`` (same file system, so a rename is atomic). Made with
+    ``mkdir`` rather than ``tempfile.mkdtemp``, so that it gets the umask's permissions, not 0700."""
+    for _ in range(100):
+        folder = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:12]}.{kind}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Cannot create a temporary folder beside {directory}.")
 
 
 def _load_png(path: Path) -> Image.Image:

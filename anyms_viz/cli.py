@@ -9,7 +9,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +38,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
     from anyms_core import AnyMS, Subject
     from anyms_core.models import load_pipeline
+    from anyms_core.run import sibling_folder
     from anyms_core.toy import sprite_reference
 
     from . import figures
@@ -50,7 +50,7 @@ def demo_command(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     # everything is written to a temporary folder beside --out and renamed at the end: a failed demo
     # leaves nothing behind (and never half of a demo in --out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging = sibling_folder(out, "partial")
     try:
         runs = []
         for variant in tqdm(DEMO_VARIANTS, desc="anyms demo", unit="variant"):

@@ -195,3 +195,8 @@ def test_runs_saved_in_format_1_still_load(saved, tmp_path):
     (path / "arrays.safetensors").unlink()
     with pytest.raises(ValueError, match="arrays.safetensors is missing"):
         Run.load(path)
+
+
+def test_a_saved_run_has_the_umask_s_permissions(saved, tmp_path):
+    (tmp_path / "plain").mkdir()
+    assert (saved.stat().st_mode & 0o777) == ((tmp_path / "plain").stat().st_mode & 0o777)
