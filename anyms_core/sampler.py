@@ -282,6 +282,8 @@ class _StepObserver:
 
         @functools.wraps(original_step)  # keeps its signature: pipelines pass generator= only if step() names it
         def step(*args, **kwargs):
+            if not active:  # left behind by interleaved generate() calls: pass through
+                return original_step(*args, **kwargs)
             # ask for the output object (same computation) to read its named x0, then answer as asked
             bound = signature.bind(*args, **kwargs)
             wants_dict = bound.arguments.get("return_dict", True)
@@ -290,15 +292,18 @@ class _StepObserver:
             self._finish(getattr(result, "pred_original_sample", None))
             return result if wants_dict else result.to_tuple()
 
+        active = True
         scheduler.step = step
         try:
             yield self
         finally:
+            active = False
             handle.remove()
-            if had_own_step:
-                scheduler.step = original_step
-            else:
-                del scheduler.step
+            if vars(scheduler).get("step") is step:  # else someone wrapped it after us: theirs to restore
+                if had_own_step:
+                    scheduler.step = original_step
+                else:
+                    del scheduler.step
 
     def _after_unet(self, module, args, kwargs, output) -> None:
         self._finish(None)  # a UNet call whose scheduler step never came (a custom loop)

@@ -118,3 +118,23 @@ def test_an_interrupted_save_leaves_nothing(run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run.save(tmp_path / "run")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exit_order", ["nested", "interleaved"])
+def test_step_observers_of_overlapping_generates_never_stay_active(tiny_sd15, exit_order):
+    from anyms_core.sampler import _StepObserver
+
+    scheduler = tiny_sd15.scheduler
+    stock = plain_call(tiny_sd15)
+    first, second = _StepObserver(tiny_sd15, True, None), _StepObserver(tiny_sd15, True, None)
+    a, b = first.installed(), second.installed()
+    a.__enter__()
+    b.__enter__()
+    (b if exit_order == "nested" else a).__exit__(None, None, None)
+    (a if exit_order == "nested" else b).__exit__(None, None, None)
+    if exit_order == "nested":
+        assert "step" not in vars(scheduler)
+    # an interleaved exit may leave the first wrapper behind: it passes through and observes nothing
+    assert np.array_equal(plain_call(tiny_sd15), stock)
+    assert first.previews == [] and second.previews == [] and first.times == [] and second.times == []
+    vars(scheduler).pop("step", None)
