@@ -196,7 +196,7 @@ def generate_command(args: argparse.Namespace) -> int:
     run = AnyMS(pipe).generate_from_config(case.config, case.subjects, progress=True, **case.pipeline_kwargs)
     # record the case's own references (paths as written, toy sprites, the model spec) instead of hashes
     run.config = dataclasses.replace(
-        run.config, model=_absolute_model(case.config.model, case.path.parent), pipeline=case.config.pipeline,
+        run.config, pipeline=case.config.pipeline,
         subjects=tuple(dataclasses.replace(s, image=_absolute_image(c.image, case.path.parent))
                        for s, c in zip(run.config.subjects, case.config.subjects)),
     )
@@ -204,17 +204,6 @@ def generate_command(args: argparse.Namespace) -> int:
     print(f"{run!r}\nwrote {out / 'image.png'}, {out / 'run.json'} and {out / 'arrays.safetensors'} "
           f"({run.timings['total']:.2f} s)")
     return 0
-
-
-def _absolute_model(model, folder: Path):
-    """The model spec with its local folders made absolute (hub ids kept), so the saved run replays anywhere."""
-    if not isinstance(model, dict):
-        return model
-    from .models import _local_path
-
-    return {key: os.fspath(Path(_local_path(value, folder)).resolve())
-            if key in ("base", "ip_adapter", "weights") and not isinstance(_local_path(value, folder), str) else value
-            for key, value in model.items()}
 
 
 def _absolute_image(spec: str, folder: Path) -> str:

@@ -116,7 +116,9 @@ def load_pipeline(
 
         weights = spec.get("weights")
         weights = None if weights is None else _local_path(weights, base_dir)
-        return load_toy_pipeline(weights, device=device, dtype=dtype or torch.float32)
+        pipe = load_toy_pipeline(weights, device=device, dtype=dtype or torch.float32)
+        pipe.anyms_model = replayable_spec(name, spec, base_dir, variant)
+        return pipe
     if name in ("tiny-sdxl", "tiny-sd15"):
         from .testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -131,7 +133,23 @@ def load_pipeline(
             adapter=spec.get("adapter", "base"), device=device, variant=spec.get("variant", variant), base_dir=base_dir,
             dtype=dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32),
         )
-    return for_task(pipe, spec.get("task", "text2img"))
+    pipe = for_task(pipe, spec.get("task", "text2img"))
+    pipe.anyms_model = replayable_spec(name, spec, base_dir, variant)
+    return pipe
+
+
+def replayable_spec(name: str, spec: dict, base_dir: str | os.PathLike | None = None,
+                    variant: str | None = None) -> str | dict:
+    """What ``run.config.model`` records: a model spec that loads the same pipeline again from anywhere
+    (local folders made absolute, hub ids kept, ``variant=`` folded in); the bare name when it has no options."""
+    spec = dict(spec)
+    if variant is not None and name in FAMILIES:
+        spec.setdefault("variant", variant)
+    for key in ("base", "ip_adapter", "weights"):
+        if key in spec:
+            path = _local_path(spec[key], base_dir)
+            spec[key] = path if isinstance(path, str) else os.fspath(Path(path).resolve())
+    return {"name": name, **spec} if spec else name
 
 
 def for_task(pipe, task: str):

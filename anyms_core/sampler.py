@@ -99,7 +99,7 @@ class AnyMS:
                            for subject, name in zip(subjects, subject_names(subjects))),
             steps=num_inference_steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale,
             height=height, width=width, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
-            priority_rule=priority_rule, model=self.model_name,
+            priority_rule=priority_rule, model=getattr(pipe, "anyms_model", None) or self.model_name,
             record=None if record_config is None else asdict(record_config),
             pipeline=describe_pipeline_kwargs(pipeline_kwargs),
         )

@@ -189,3 +189,27 @@ def test_a_delegated_command_s_message_exit_is_one_line(capsys, tmp_path):
     assert error_line(capsys) == "anyms: error: --device cuda given but torch.cuda.is_available() is False"
     with pytest.raises(SystemExit):
         run_reporting_errors(lambda: (_ for _ in ()).throw(SystemExit(0)), debug=False)  # a plain exit stays one
+
+
+def test_a_run_made_in_python_replays_through_the_cli(tmp_path, capsys):
+    from anyms_core import AnyMS, Run, Subject
+    from anyms_core.models import load_pipeline
+
+    reference_image(4).save(tmp_path / "ref.png")
+    pipe = load_pipeline({"name": "tiny-sd15", "task": "img2img"})
+    assert pipe.anyms_model == {"name": "tiny-sd15", "task": "img2img"}
+    run = AnyMS(pipe).generate("a photo", [Subject(tmp_path / "ref.png", [0.1, 0.1, 0.9, 0.9])], num_inference_steps=2,
+                               height=64, width=64, strength=0.9, image=reference_image(5, 64))
+    run.save(tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert record["model"] == {"name": "tiny-sd15", "task": "img2img"} and record["subjects"][0]["image"] == str(tmp_path / "ref.png")
+    reference_image(5, 64).save(tmp_path / "init.png")
+    record["pipeline"]["image"] = {"path": "init.png"}  # an in-memory image is recorded by hash: name its file
+    (tmp_path / "case.json").write_text(json.dumps(record))
+    assert main(["generate", str(tmp_path / "case.json"), "--out", str(tmp_path / "again")]) == 0, capsys.readouterr().err
+    assert Run.load(tmp_path / "again").image.tobytes() == run.image.tobytes()
+    record["pipeline"]["image"] = run.config.pipeline["image"]
+    (tmp_path / "hashed.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "hashed.json"), "--out", str(tmp_path / "hashed")]) == 2
+    assert "pipeline.image: " in error_line(capsys)
