@@ -1,5 +1,5 @@
 """Every scheduler of diffusers' SD/SDXL set: steps are the scheduler's steps (not UNet calls), x0 previews
-never crash (the scheduler's own x0, else the VP formula, else off with a note), and the saved config replays
+never crash on tiny SD1.5 and SDXL (the scheduler's own x0, else the VP formula, else off with a note), and the saved config replays
 to the same image."""
 
 import warnings
@@ -11,7 +11,7 @@ import diffusers
 from anyms_core import AnyMS, Run, Subject
 from anyms_core.testing import random_reference_image
 
-SCHEDULERS = [
+SCHEDULERS = [  # the schedulers diffusers offers SD1.5/SDXL pipelines
     "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
@@ -22,25 +22,27 @@ STEPS = 3
 WITHOUT_X0 = {"EDMDPMSolverMultistepScheduler"}
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd15"])
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_steps_previews_and_replay(tiny_sdxl, tmp_path, name):
+def test_steps_previews_and_replay(request, tmp_path, name, family):
+    pipe = request.getfixturevalue(f"tiny_{family}")
     scheduler_class = getattr(diffusers, name)
-    original = tiny_sdxl.scheduler
+    original = pipe.scheduler
     edm = name.startswith("EDM")
     # PNDM as SD1.5 ships it (skip_prk_steps); its PRK warm-up fails in diffusers itself at 3 trailing steps
     options = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
-    tiny_sdxl.scheduler = scheduler_class() if edm else scheduler_class.from_config(original.config, **options)
+    pipe.scheduler = scheduler_class() if edm else scheduler_class.from_config(original.config, **options)
     subjects = [Subject(random_reference_image(0), [0, 0, 0.6, 0.6], name="a"),
                 Subject(random_reference_image(1), [0.4, 0.4, 1, 1], name="b")]
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            run = AnyMS(tiny_sdxl).generate("a photo", subjects, num_inference_steps=STEPS, height=64, width=64, seed=3)
+            run = AnyMS(pipe).generate("a photo", subjects, num_inference_steps=STEPS, height=64, width=64, seed=3)
         run.save(tmp_path / "run")
         loaded = Run.load(tmp_path / "run")
-        again = AnyMS(tiny_sdxl).generate_from_config(loaded.config, loaded.subjects())
+        again = AnyMS(pipe).generate_from_config(loaded.config, loaded.subjects())
     finally:
-        tiny_sdxl.scheduler = original
+        pipe.scheduler = original
     assert run.config.steps == STEPS and loaded.config == run.config
     assert run.timings["unet_calls"] >= STEPS
     if name in WITHOUT_X0:
