@@ -7,6 +7,7 @@ of all boxes for one attention grid (one UNet level), computed once per grid siz
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,9 +17,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import PRIORITY_RULES, SubjectConfig, real_number, validate_box
+
 ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
 
-PRIORITY_RULES = ("order", "area")
+__all__ = ["PRIORITY_RULES", "GridLayout", "Subject", "box_to_cells", "image_digest", "level_grid", "load_reference_image",
+           "paint_order", "round_half_up", "subject_names", "validate_box", "validate_subjects"]
 
 
 def load_reference_image(image: ImageLike) -> Image.Image:
@@ -36,12 +40,16 @@ def load_reference_image(image: ImageLike) -> Image.Image:
         raise ValueError(
             f"A subject image must be a PIL image, a path or a numpy array, got {type(image).__name__}."
         )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"A subject image must not be empty, got {image.width}x{image.height} pixels.")
     return _to_rgb(image)
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ValueError(f"A subject image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}.")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"A subject image must not be empty, got an array of shape {array.shape}.")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if np.issubdtype(array.dtype, np.floating):
@@ -68,6 +76,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.round(np.clip(array / peak, 0, 1) * 255).astype(np.uint8)).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first (PIL has no La -> RGB)
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -78,61 +88,64 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError(f"Cannot convert a subject image of mode {image.mode!r} to RGB: {error}") from None
 
 
-def validate_box(box: Sequence[float], what: str = "box") -> tuple[float, float, float, float]:
-    """Checks a normalized ``[x0, y0, x1, y1]`` box and returns it as a tuple of floats."""
-    try:
-        values = tuple(float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be four numbers [x0, y0, x1, y1], got {box!r}.") from None
-    if len(values) != 4:
-        raise ValueError(f"{what} must be four numbers [x0, y0, x1, y1], got {len(values)} values.")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{what} contains NaN or infinity: {list(values)}.")
-    x0, y0, x1, y1 = values
-    if min(values) < 0.0 or max(values) > 1.0:
-        raise ValueError(f"{what} {list(values)} is outside [0, 1]; boxes are normalized [x0, y0, x1, y1].")
-    if x0 >= x1 or y0 >= y1:
-        raise ValueError(f"{what} {list(values)} is empty: need x0 < x1 and y0 < y1 (origin top-left).")
-    return values
+def image_digest(image: Image.Image) -> str:
+    """``"sha256:<hex>"`` of an RGB image's size and pixels: how a run records an in-memory reference image."""
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Subject:
     """A subject to place: its reference image and its normalized box ``[x0, y0, x1, y1]``.
 
-    ``priority``: where boxes overlap, the subject with the higher priority owns the overlap. Either
-    every subject of a layout sets it or none does (then the priority rule of the session decides).
+    Immutable: the box is checked once, here, and cannot change afterwards (build a new ``Subject``, e.g.
+    with ``dataclasses.replace(subject, box=...)``, which validates again). ``box`` is kept as a tuple
+    of floats and ``image`` as an 8-bit RGB PIL image.
+
+    ``priority``: where boxes overlap, the subject with the higher priority owns the overlap. A subject
+    that sets none has priority 0; among equal priorities the session's priority rule decides (by
+    default the later subject in the list wins).
     """
 
     image: ImageLike
     box: Sequence[float]
     name: str | None = None
     priority: float | None = None
+    source: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.box = list(validate_box(self.box, what=f"Box of subject {self.name or ''!s}".replace("  ", " ")))
-        self.image = load_reference_image(self.image)
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"A subject's name must be a string, got {type(self.name).__name__} {self.name!r}.")
+        label = f"subject {self.name!r}" if self.name else "subject"
+        object.__setattr__(self, "box", validate_box(self.box, what=f"box of {label}"))
         if self.priority is not None:
-            self.priority = float(self.priority)
-            if not math.isfinite(self.priority):
-                raise ValueError(f"priority of subject {self.name!r} must be finite, got {self.priority}.")
+            object.__setattr__(self, "priority", real_number(self.priority, f"priority of {label}"))
+        source = os.fspath(self.image) if isinstance(self.image, (str, os.PathLike)) else None
+        object.__setattr__(self, "image", load_reference_image(self.image))
+        object.__setattr__(self, "source", source)
 
     @property
     def area(self) -> float:
         x0, y0, x1, y1 = self.box
         return (x1 - x0) * (y1 - y0)
 
+    def to_config(self, image: str | None = None) -> SubjectConfig:
+        """This subject as a :class:`~anyms_core.config.SubjectConfig`; the image is recorded as ``image``
+        if given, else as the path it was read from, else by the hash of its pixels."""
+        return SubjectConfig(box=self.box, name=self.name, priority=self.priority,
+                             image=image or self.source or image_digest(self.image))
+
 
 def validate_subjects(subjects: Sequence[Subject]) -> list[Subject]:
+    if isinstance(subjects, Subject):
+        raise ValueError("subjects must be a list of anyms_core.Subject, got a single Subject: wrap it in a list.")
     subjects = list(subjects)
     if not subjects:
         raise ValueError("AnyMS needs at least one subject.")
     for index, subject in enumerate(subjects):
         if not isinstance(subject, Subject):
             raise ValueError(f"subjects[{index}] must be an anyms_core.Subject, got {type(subject).__name__}.")
-    given = [subject.priority is not None for subject in subjects]
-    if any(given) and not all(given):
-        raise ValueError("Either every subject sets `priority` or none does; got a mix.")
     return subjects
 
 
@@ -143,17 +156,19 @@ def subject_names(subjects: Sequence[Subject]) -> list[str]:
 def paint_order(subjects: Sequence[Subject], rule: str = "order") -> list[int]:
     """Subject indices from lowest to highest priority: painting in this order lets the owner win.
 
-    Explicit priorities win first (higher wins; ties go to the later subject). Without them, rule
-    ``"order"``: later in the list wins; rule ``"area"``: the smaller box wins (ties: later wins).
+    Explicit priorities decide first (higher wins; a subject without one has priority 0). Among equal
+    priorities (e.g. when none is set) the rule decides: ``"order"``: later in the list wins;
+    ``"area"``: the smaller box wins (equal areas: later wins).
     """
     if rule not in PRIORITY_RULES:
         raise ValueError(f"Unknown priority rule {rule!r}; choose one of {PRIORITY_RULES}.")
-    indices = range(len(subjects))
-    if subjects[0].priority is not None:
-        return sorted(indices, key=lambda i: (subjects[i].priority, i))
+
+    def priority(i: int) -> float:
+        return subjects[i].priority if subjects[i].priority is not None else 0.0
+
     if rule == "area":
-        return sorted(indices, key=lambda i: (-subjects[i].area, i))
-    return list(indices)
+        return sorted(range(len(subjects)), key=lambda i: (priority(i), -subjects[i].area, i))
+    return sorted(range(len(subjects)), key=lambda i: (priority(i), i))
 
 
 def round_half_up(value: float) -> int:

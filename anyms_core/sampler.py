@@ -8,16 +8,23 @@ the predicted clean image (x0) at every step, and timings.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
+import functools
+import hashlib
+import inspect
+import math
 import time
+import warnings
 from dataclasses import asdict
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .layout import Subject, subject_names, validate_subjects
+from .config import RunConfig
+from .layout import Subject, image_digest, subject_names, validate_subjects
 from .recording import RecordConfig
 from .run import Run
 from .session import decoupled
@@ -64,69 +71,178 @@ class AnyMS:
         priority_rule: str = "order",
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        **pipeline_kwargs: Any,
     ) -> Run:
         """Generates one composition and returns a :class:`Run`.
 
         Arguments left as None take the pipeline's own defaults; the values actually used are in
-        ``run.config``. ``seed`` seeds a CPU generator, so a seed gives the same image on any device.
-        ``callback``, if given, is called after every denoising step with a plain dict (k-diffusion
-        style): ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the step's x0 preview or None).
+        ``run.config`` (a :class:`~anyms_core.config.RunConfig`, validated before the pipeline runs).
+        ``seed`` seeds a CPU generator, so a seed gives the same image on any device.
+        ``pipeline_kwargs``: any further keyword argument of the pipeline's ``__call__`` (``image=``,
+        ``strength=``, ``prompt_2=``, ``callback_on_step_end=`` ...), checked against its signature and
+        recorded in ``run.config.pipeline`` (images by the hash of their pixels).
+        ``callback``, if given, is called after every UNet call with a plain dict (k-diffusion style):
+        ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the x0 preview or None).
+
+        Steps: ``run.config.steps`` is the scheduler's ``num_inference_steps`` (what replays the run);
+        previews, the callback and the attention maps count UNet calls, which are more for Heun/KDPM2
+        (two per step) and PNDM (a warm-up call); ``run.timings["unet_calls"]`` says how many. Schedulers
+        without ``alphas_cumprod`` (EDM) get no x0 previews (a warning says so).
         """
         pipe = self.pipe
         subjects = validate_subjects(subjects)
         record_config = RecordConfig.from_arg(record)
+        pipeline_kwargs = check_pipeline_kwargs(pipe, pipeline_kwargs)
+        requested = RunConfig(
+            prompt=prompt, variant=variant, seed=seed,
+            subjects=tuple(dataclasses.replace(subject.to_config(), name=name)
+                           for subject, name in zip(subjects, subject_names(subjects))),
+            steps=num_inference_steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale,
+            height=height, width=width, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+            priority_rule=priority_rule, model=getattr(pipe, "anyms_model", None) or self.model_name,
+            record=None if record_config is None else asdict(record_config),
+            pipeline=describe_pipeline_kwargs(pipeline_kwargs),
+        )
         call_kwargs = {
             key: value for key, value in dict(
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                width=width, negative_prompt=negative_prompt,
+                num_inference_steps=requested.steps, guidance_scale=requested.guidance_scale, height=requested.height,
+                width=requested.width, negative_prompt=negative_prompt,
             ).items() if value is not None
         }
-        step_times: list[float] = []
-        start_time = [time.perf_counter()]
-        preview_images: list[np.ndarray] = []
+        observer = _StepObserver(pipe, previews, callback)
 
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(decoupled(
-                pipe, subjects, variant=variant, record=record_config, ip_adapter_scale=ip_adapter_scale,
+                pipe, subjects, variant=variant, record=record_config, ip_adapter_scale=requested.ip_adapter_scale,
                 priority_rule=priority_rule, prompt=prompt,
             ))
             stack.enter_context(_progress_bar(pipe, enabled=progress))
-            handle = pipe.unet.register_forward_hook(
-                lambda module, args, kwargs, output: _on_unet_output(
-                    pipe, args, kwargs, output, step_times, preview_images if previews else None, callback, start_time),
-                with_kwargs=True,
-            )
-            stack.callback(handle.remove)
-            start = start_time[0] = time.perf_counter()
+            stack.enter_context(observer.installed())
+            start = observer.start = time.perf_counter()
             output = pipe(
                 prompt, ip_adapter_image=session.ip_adapter_image, num_images_per_prompt=num_images_per_prompt,
-                generator=torch.Generator("cpu").manual_seed(seed), **call_kwargs,
+                generator=torch.Generator("cpu").manual_seed(requested.seed), **call_kwargs, **pipeline_kwargs,
             )
+            observer.finish()
             total = time.perf_counter() - start
+        if observer.without_x0:
+            warnings.warn(f"{type(pipe.scheduler).__name__} gives no x0 prediction and has no alphas_cumprod "
+                          f"(an EDM/flow scheduler): per-step x0 previews are off for this run.", stacklevel=2)
+        step_times, preview_images = observer.times, ([] if observer.without_x0 else observer.previews)
         images = list(output.images)
         per_step = [b - a for a, b in zip([start] + step_times[:-1], step_times)]
-        config = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "subjects": [
-                {"name": name, "box": list(subject.box), "priority": subject.priority}
-                for name, subject in zip(subject_names(subjects), subjects)
-            ],
-            "variant": variant,
-            "seed": seed,
-            "steps": len(step_times),
-            "guidance_scale": float(getattr(pipe, "guidance_scale", guidance_scale or 0.0)),
-            "ip_adapter_scale": ip_adapter_scale if ip_adapter_scale is None or isinstance(ip_adapter_scale, (int, float)) else list(ip_adapter_scale),
-            "height": images[0].height,
-            "width": images[0].width,
-            "num_images_per_prompt": num_images_per_prompt,
-            "priority_rule": priority_rule,
-            "model": self.model_name,
-            "record": None if record_config is None else asdict(record_config),
-        }
-        config = json.loads(json.dumps(config))  # exactly what Run.save writes and Run.load reads back
-        timings = {"total": total, "per_step": per_step, "steps_per_s": len(per_step) / total if total > 0 else None}
+        # the scheduler's steps (what num_inference_steps means), not UNet calls: Heun/KDPM2 call it twice a step
+        steps = requested.steps or getattr(pipe.scheduler, "num_inference_steps", None) or len(step_times)
+        used_guidance = getattr(pipe, "guidance_scale", guidance_scale)
+        config = dataclasses.replace(
+            requested, steps=int(steps),
+            guidance_scale=None if used_guidance is None else float(used_guidance),
+            height=images[0].height, width=images[0].width,
+        )
+        timings = {"total": total, "per_step": per_step, "steps_per_s": len(per_step) / total if total > 0 else None,
+                   "unet_calls": len(step_times)}
         return Run(images, config, [s.image for s in subjects], session.attention, preview_images, timings)
+
+
+    def generate_from_config(self, config: RunConfig, subjects: Sequence[Subject] | None = None, *,
+                             record: RecordConfig | bool | str | Sequence[str] | dict | None | type(...) = ...,
+                             previews: bool = True, progress: bool = False,
+                             callback: Callable[[dict], None] | None = None, **pipeline_kwargs: Any) -> Run:
+        """Generates what ``config`` describes (e.g. ``Run.load(path).config``, or a case file).
+
+        ``subjects``: the subjects with their reference images; by default ``config``'s subjects must
+        name image files (``image`` a path). ``pipeline_kwargs`` replace ``config.pipeline``, which is
+        used as it is otherwise (its values must then be plain JSON values, not recorded hashes).
+        ``record``: by default ``config.record``.
+        """
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"config must be a RunConfig, got {type(config).__name__}; use RunConfig.from_dict(...).")
+        if subjects is None:
+            subjects = [Subject(image=_config_image(s), box=s.box, name=s.name, priority=s.priority) for s in config.subjects]
+        subjects = validate_subjects(subjects)
+        if len(subjects) != len(config.subjects):
+            raise ValueError(f"config has {len(config.subjects)} subjects, got {len(subjects)} Subject(s).")
+        for index, (subject, expected) in enumerate(zip(subjects, config.subjects)):
+            if tuple(subject.box) != tuple(expected.box) or subject.priority != expected.priority:
+                raise ValueError(f"subjects[{index}] has box {list(subject.box)} and priority {subject.priority}, "
+                                 f"but config.subjects[{index}] has {list(expected.box)} and {expected.priority}.")
+        if not pipeline_kwargs:
+            recorded = sorted(name for name, value in config.pipeline.items() if isinstance(value, dict)
+                              and ({"sha256", "callable", "repr", "path"} & set(value)))
+            if recorded:
+                raise ValueError(f"config.pipeline records {recorded} by hash, name or path: pass them again as keywords.")
+            pipeline_kwargs = dict(config.pipeline)
+        return self.generate(
+            config.prompt, subjects, variant=config.variant, seed=config.seed, num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale, ip_adapter_scale=config.ip_adapter_scale, height=config.height,
+            width=config.width, record=config.record if record is ... else record, previews=previews,
+            negative_prompt=config.negative_prompt, num_images_per_prompt=config.num_images_per_prompt,
+            priority_rule=config.priority_rule, progress=progress, callback=callback, **pipeline_kwargs,
+        )
+
+
+def _config_image(subject) -> str:
+    if subject.image is None or subject.image.startswith(("sha256:", "toy:")):
+        if subject.image and subject.image.startswith("toy:"):
+            from .toy import sprite_reference
+
+            return sprite_reference(subject.image.removeprefix("toy:").strip())
+        raise ValueError(f"subject {subject.name!r} has no image file in the config ({subject.image!r}): "
+                         "pass subjects= with its reference image.")
+    return subject.image
+
+
+# Arguments generate() passes itself; the rest of the pipeline's __call__ may be given as keywords.
+RESERVED_PIPELINE_ARGS = {
+    "prompt": "the first argument of generate()",
+    "ip_adapter_image": "generate() passes the subjects' images",
+    "ip_adapter_image_embeds": "generate() passes the subjects' images",
+    "generator": "use seed=",
+    "output_type": "a Run holds PIL images",
+    "return_dict": "generate() reads the pipeline's output object",
+}
+
+
+def check_pipeline_kwargs(pipe, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Checks extra keyword arguments against the pipeline's ``__call__`` signature; a ``TypeError`` names
+    any that it does not accept (or that generate() sets itself)."""
+    reserved = sorted(set(kwargs) & set(RESERVED_PIPELINE_ARGS))
+    if reserved:
+        raise TypeError("generate() sets " + "; ".join(f"{name!r} itself ({RESERVED_PIPELINE_ARGS[name]})" for name in reserved) + ".")
+    parameters = inspect.signature(pipe.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        accepted = sorted(set(parameters) - set(RESERVED_PIPELINE_ARGS) - {"self"})
+        raise TypeError(f"{type(pipe).__name__}.__call__ does not take {unknown}; it takes {accepted}.")
+    return dict(kwargs)
+
+
+def describe_pipeline_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-able record of extra pipeline arguments: plain values as they are, images and tensors by
+    the hash of their contents, callables by name (these cannot be replayed from the record alone)."""
+    return {name: _describe(value) for name, value in kwargs.items()}
+
+
+def _describe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Image.Image):
+        return {"sha256": image_digest(value.convert("RGB")), "size": list(value.size)}
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return {"sha256": "sha256:" + hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest(),
+                "shape": list(array.shape), "dtype": str(value.dtype)}
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if callable(value):
+        return {"callable": getattr(value, "__qualname__", type(value).__name__)}
+    return {"repr": repr(value)}
 
 
 @contextlib.contextmanager
@@ -139,19 +255,87 @@ def _progress_bar(pipe, enabled: bool):
         pipe._progress_bar_config = previous
 
 
-def _on_unet_output(pipe, args, kwargs, output, step_times: list[float], previews: list[np.ndarray] | None,
-                    callback: Callable[[dict], None] | None, start_time: list[float]) -> None:
-    step_times.append(time.perf_counter())
-    preview = None
-    if previews is not None:
+class _StepObserver:
+    """Per UNet call: the time, an x0 preview and the user's callback.
+
+    The preview is the scheduler's own x0 (``pred_original_sample`` of its ``step`` output) where it gives
+    one (DDIM, Euler, Heun, LMS, EDM Euler ...), else the VP formula of :func:`predicted_clean_sample`
+    from the UNet's input and output (schedulers with ``alphas_cumprod``); with neither, previews are off.
+    """
+
+    def __init__(self, pipe, previews: bool, callback: Callable[[dict], None] | None):
+        self.pipe, self.previews_on, self.callback = pipe, previews, callback
+        self.times: list[float] = []
+        self.previews: list[np.ndarray] = []
+        self.without_x0 = False
+        self.start = time.perf_counter()
+        self._pending: tuple | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        pipe = self.pipe
+        handle = pipe.unet.register_forward_hook(self._after_unet, with_kwargs=True)
+        scheduler = pipe.scheduler
+        had_own_step = "step" in vars(scheduler)
+        original_step = scheduler.step
+        signature = inspect.signature(original_step)
+
+        @functools.wraps(original_step)  # keeps its signature: pipelines pass generator= only if step() names it
+        def step(*args, **kwargs):
+            if not active:  # left behind by interleaved generate() calls: pass through
+                return original_step(*args, **kwargs)
+            # ask for the output object (same computation) to read its named x0, then answer as asked
+            bound = signature.bind(*args, **kwargs)
+            wants_dict = bound.arguments.get("return_dict", True)
+            bound.arguments["return_dict"] = True
+            result = original_step(*bound.args, **bound.kwargs)
+            self._finish(getattr(result, "pred_original_sample", None))
+            return result if wants_dict else result.to_tuple()
+
+        active = True
+        scheduler.step = step
+        try:
+            yield self
+        finally:
+            active = False
+            handle.remove()
+            if vars(scheduler).get("step") is step:  # else someone wrapped it after us: theirs to restore
+                if had_own_step:
+                    scheduler.step = original_step
+                else:
+                    del scheduler.step
+
+    def _after_unet(self, module, args, kwargs, output) -> None:
+        self._finish(None)  # a UNet call whose scheduler step never came (a custom loop)
+        self.times.append(time.perf_counter())
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         prediction = output[0] if isinstance(output, tuple) else output.sample
-        preview = _preview_rgb(pipe, predicted_clean_sample(pipe, sample, timestep, prediction))
-        previews.append(preview)
-    if callback is not None:
-        callback({"step": len(step_times) - 1, "num_steps": len(pipe.scheduler.timesteps),
-                  "elapsed": step_times[-1] - start_time[0], "preview": preview})
+        self._pending = (sample, timestep, prediction)
+
+    def finish(self) -> None:
+        self._finish(None)
+
+    def _finish(self, own_x0: torch.Tensor | None) -> None:
+        if self._pending is None:
+            return
+        sample, timestep, prediction = self._pending
+        self._pending = None
+        preview = None
+        if self.previews_on and not self.without_x0:
+            if own_x0 is not None:
+                x0 = own_x0[:1].float()
+            elif getattr(self.pipe.scheduler, "alphas_cumprod", None) is not None:
+                x0 = predicted_clean_sample(self.pipe, sample, timestep, prediction)
+            else:
+                x0 = None
+                self.without_x0 = True
+            if x0 is not None:
+                preview = _preview_rgb(self.pipe, x0)
+                self.previews.append(preview)
+        if self.callback is not None:
+            self.callback({"step": len(self.times) - 1, "num_steps": len(self.pipe.scheduler.timesteps),
+                           "elapsed": self.times[-1] - self.start, "preview": preview})
 
 
 def predicted_clean_sample(pipe, sample: torch.Tensor, timestep, prediction: torch.Tensor) -> torch.Tensor:

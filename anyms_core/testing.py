@@ -161,3 +161,34 @@ def tiny_sd15_pipeline(ip_adapter: str | None = "base", seed: int = 0) -> Stable
         pipe.load_ip_adapter(random_ip_adapter_state_dict(unet, plus=ip_adapter == "plus", seed=seed + 1),
                              subfolder="", weight_name="", image_encoder_folder=None)
     return pipe
+
+
+def save_fake_hub_folders(base: str, ip_adapter: str, family: str = "sd15", adapter: str = "base",
+                          variant: str | None = None, seed: int = 0) -> None:
+    """Writes tiny random models in the real hub layouts, for loader tests without downloads.
+
+    ``base``: a diffusers pipeline folder like ``stable-diffusion-v1-5`` / ``stable-diffusion-xl-base-1.0``
+    (``model_index.json``, ``unet/``, ...; weight files named for ``variant``, e.g. ``*.fp16.safetensors``),
+    without an image encoder, as on the hub. ``ip_adapter``: the ``h94/IP-Adapter`` layout: the adapter's
+    safetensors (``image_proj.*`` and ``ip_adapter.*`` keys) under its subfolder and the CLIP image encoder
+    folder the loader's table names.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .models import FAMILIES
+
+    adapters = FAMILIES[family][1]
+    weights = adapters[adapter]
+    build = tiny_sdxl_pipeline if family == "sdxl" else tiny_sd15_pipeline
+    pipe = build(ip_adapter=None, seed=seed)
+    image_encoder = pipe.image_encoder
+    pipe.register_modules(image_encoder=None)  # the hub's base repositories ship no image encoder
+    pipe.save_pretrained(base, variant=variant, safe_serialization=True)
+    state = random_ip_adapter_state_dict(pipe.unet, plus=weights.tokens == 16, seed=seed + 1)
+    flat = {f"{group}.{key}": value.contiguous() for group, values in state.items() for key, value in values.items()}
+    target = Path(ip_adapter) / weights.subfolder / weights.weight_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flat, target)
+    image_encoder.save_pretrained(Path(ip_adapter) / weights.image_encoder_folder)

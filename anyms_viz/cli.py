@@ -6,16 +6,16 @@ It lives here because drawing is anyms_viz's job and anyms_core never imports an
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from anyms_core import AnyMS, Subject
-from anyms_core.cli import build_parser
+# Nothing heavy is imported here (no torch, diffusers or matplotlib): `anyms --help` answers at once.
+from anyms_core.cli import build_parser, check_out_dir
 from anyms_core.cli import main as core_main
-
-from . import figures
 
 # A fixed multi-subject case of the toy world: three subjects, two of them overlapping, so the
 # variants differ both in placement and in the overlap (priority vs sum).
@@ -29,30 +29,48 @@ DEMO_VARIANTS = ("anyms", "mask", "none")
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from anyms_core.models import check_model_spec
+
+    out = check_out_dir(args.out, args.overwrite)
+    check_model_spec(args.model)
+
     from tqdm.auto import tqdm
 
+    from anyms_core import AnyMS, Subject
     from anyms_core.models import load_pipeline
+    from anyms_core.run import sibling_folder
     from anyms_core.toy import sprite_reference
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from . import figures
+
     start = time.perf_counter()
     pipe = load_pipeline(args.model)
     subjects = [Subject(sprite_reference(sprite), box, name=sprite) for sprite, box in DEMO_SUBJECTS]
     anyms = AnyMS(pipe)
-    runs = []
-    for variant in tqdm(DEMO_VARIANTS, desc="anyms demo", unit="variant"):
-        run = anyms.generate(DEMO_PROMPT, subjects, variant=variant, seed=args.seed)
-        run.save(out / "runs" / variant)
-        run.image.resize((run.image.width * 8, run.image.height * 8), 0).save(out / f"{variant}.png")
-        runs.append(run)
-    # contribution: where each subject's image tokens were actually injected under each variant
-    written = figures.save(figures.plot_comparison(runs, kind="contribution", differences=False), out / "comparison.png", dpi=200)
-    # affinity: where each position "wants" each subject, whatever the variant allows
-    written += figures.save(figures.plot_attention(runs[0], kind="affinity"), out / "attention.png", dpi=200)
-    written += figures.save(figures.plot_comparison(runs, kind="contribution"), out / "comparison_with_differences.png", dpi=200)
-    print(f"wrote {', '.join(str(p) for p in written)} and per-variant images and runs under {out} "
-          f"in {time.perf_counter() - start:.1f} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # everything is written to a temporary folder beside --out and renamed at the end: a failed demo
+    # leaves nothing behind (and never half of a demo in --out)
+    staging = sibling_folder(out, "partial")
+    try:
+        runs = []
+        for variant in tqdm(DEMO_VARIANTS, desc="anyms demo", unit="variant"):
+            run = anyms.generate(DEMO_PROMPT, subjects, variant=variant, seed=args.seed)
+            run.save(staging / "runs" / variant)
+            run.image.resize((run.image.width * 8, run.image.height * 8), 0).save(staging / f"{variant}.png")
+            runs.append(run)
+        # contribution: where each subject's image tokens were actually injected under each variant
+        figures.save(figures.plot_comparison(runs, kind="contribution", differences=False), staging / "comparison.png", dpi=200)
+        # affinity: where each position "wants" each subject, whatever the variant allows
+        figures.save(figures.plot_attention(runs[0], kind="affinity"), staging / "attention.png", dpi=200)
+        figures.save(figures.plot_comparison(runs, kind="contribution"), staging / "comparison_with_differences.png", dpi=200)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"wrote {', '.join(written)} and per-variant runs under {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -60,9 +78,10 @@ def parser() -> argparse.ArgumentParser:
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     demo = commands.add_parser("demo", help="render the paper's three variants on a toy-world case, with figures")
-    demo.add_argument("--out", required=True, help="folder to write images, figures and runs into")
+    demo.add_argument("--out", required=True, help="folder to write images, figures and runs into (new or empty)")
+    demo.add_argument("--overwrite", action="store_true", help="replace --out whole if it holds files")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--model", default="toy", help="toy (default) or tiny-sdxl")
+    demo.add_argument("--model", default="toy", help="toy (default), tiny-sdxl or tiny-sd15")
     demo.set_defaults(handler=demo_command)
     return parser
 

@@ -55,13 +55,19 @@ def test_paint_order_rules():
     assert paint_order([small, big], "area") == [1, 0]  # smaller painted last, so it wins
     explicit = [Subject(image, [0, 0, 1, 1], priority=5), Subject(image, [0, 0, 1, 1], priority=1)]
     assert paint_order(explicit) == [1, 0]
+    # priority on some subjects only: the others have priority 0 and the rule orders equal priorities
+    partial = [Subject(image, [0, 0, 1, 1], priority=1), small, big]
+    assert paint_order(partial, "order") == [1, 2, 0]
+    assert paint_order(partial, "area") == [2, 1, 0]
+    below = [Subject(image, [0, 0, 1, 1], priority=-1), big]
+    assert paint_order(below) == [0, 1]
     with pytest.raises(ValueError, match="priority rule"):
         paint_order([big], "size")
 
 
 @pytest.mark.parametrize("box, message", [
     ([0, 0, 1.2, 1], "outside"), ([-0.1, 0, 1, 1], "outside"), ([0.5, 0, 0.5, 1], "empty"),
-    ([0.6, 0, 0.5, 1], "empty"), ([0, float("nan"), 1, 1], "NaN"), ([0, 0, 1], "four numbers"), ("abcd", "four numbers"),
+    ([0.6, 0, 0.5, 1], "empty"), ([0, float("nan"), 1, 1], "finite"), ([0, 0, 1], "four numbers"), ("abcd", "four numbers"),
 ])
 def test_bad_boxes_raise_value_errors(box, message):
     with pytest.raises(ValueError, match=message):
@@ -72,8 +78,8 @@ def test_bad_subject_lists():
     with pytest.raises(ValueError, match="at least one subject"):
         validate_subjects([])
     image = reference_image(0)
-    with pytest.raises(ValueError, match="every subject sets"):
-        validate_subjects([Subject(image, [0, 0, 1, 1], priority=1), Subject(image, [0, 0, 1, 1])])
+    with pytest.raises(ValueError, match="single Subject"):
+        validate_subjects(Subject(image, [0, 0, 1, 1]))
     with pytest.raises(ValueError, match="anyms_core.Subject"):
         validate_subjects([{"image": image, "box": [0, 0, 1, 1]}])
 

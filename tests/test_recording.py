@@ -170,7 +170,7 @@ def test_run_save_load_round_trip(recorded_run, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(loaded.previews, recorded_run.previews))
     for kind in ("affinity", "contribution", "text"):
         assert np.array_equal(loaded.attention.maps(kind, per_step=True), recorded_run.attention.maps(kind, per_step=True))
-    assert [s.box for s in loaded.subjects()] == BOXES
+    assert [list(s.box) for s in loaded.subjects()] == BOXES  # Subject.box is a tuple (Subject is frozen)
     with pytest.raises(ValueError, match="not a saved run"):
         Run.load(tmp_path)
 

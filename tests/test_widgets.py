@@ -88,7 +88,7 @@ def test_boxes_from_the_front_end_reach_python():
     editor.set_state({"boxes": [[0.2, 0.2, 0.4, 0.4], [0.6, 0.6, 0.8, 0.9]], "order": [1, 0]})  # what a comm message does
     assert seen == [[[0.2, 0.2, 0.4, 0.4], [0.6, 0.6, 0.8, 0.9]]]
     subjects = editor.subjects()
-    assert [s.box for s in subjects] == [[0.2, 0.2, 0.4, 0.4], [0.6, 0.6, 0.8, 0.9]]
+    assert [list(s.box) for s in subjects] == [[0.2, 0.2, 0.4, 0.4], [0.6, 0.6, 0.8, 0.9]]
     assert paint_order(subjects) == [1, 0]
 
 

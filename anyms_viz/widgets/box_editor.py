@@ -7,6 +7,7 @@ placed yet) per subject. Python may set it too; invalid boxes are rejected on bo
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from anyms_core import Subject
+from anyms_core.config import real_number
 from anyms_core.layout import paint_order, subject_names, validate_box
 
 from .. import figures
@@ -71,11 +73,14 @@ class BoxEditor(anywidget.AnyWidget):
         min_size: float = 0.02,
         **kwargs,
     ) -> None:
+        if isinstance(subjects, Subject):
+            raise ValueError("BoxEditor needs a list of anyms_core.Subject, got a single Subject: wrap it in a list.")
         subjects = list(subjects)
         if not subjects or not all(isinstance(s, Subject) for s in subjects):
             raise ValueError("BoxEditor needs a non-empty list of anyms_core.Subject.")
-        if not 0 < min_size < 0.5:
-            raise ValueError(f"min_size is a fraction of the canvas side in (0, 0.5), got {min_size}.")
+        fixed = sorted(set(kwargs) & {"names", "colors", "thumbnails", "boxes", "order"})
+        if fixed:
+            raise ValueError(f"BoxEditor takes {fixed} from its subjects; set names, boxes and priorities on the Subjects.")
         self._subject_images = [s.image for s in subjects]
         names = subject_names(subjects)
         super().__init__(
@@ -103,6 +108,28 @@ class BoxEditor(anywidget.AnyWidget):
         except ValueError as error:
             raise InvalidWidgetValue(str(error)) from None
 
+    @traitlets.validate("names", "colors", "thumbnails")
+    def _validate_per_subject_lists(self, proposal) -> list:
+        values = list(proposal["value"])
+        count = len(getattr(self, "_subject_images", values))
+        if len(values) != count:
+            raise InvalidWidgetValue(f"BoxEditor has {count} subjects, got {len(values)} {proposal['trait'].name}.")
+        return values
+
+    @traitlets.validate("min_size")
+    def _validate_min_size(self, proposal) -> float:
+        value = _finite(proposal["value"], "min_size")
+        if not 0 < value < 0.5:
+            raise InvalidWidgetValue(f"min_size is a fraction of the canvas side in (0, 0.5), got {value}.")
+        return value
+
+    @traitlets.validate("display_width")
+    def _validate_display_width(self, proposal) -> int:
+        value = int(proposal["value"])
+        if not 16 <= value <= 4096:
+            raise InvalidWidgetValue(f"display_width is a width in screen pixels in [16, 4096], got {value}.")
+        return value
+
     @traitlets.validate("order")
     def _validate_order(self, proposal) -> list:
         order = [int(i) for i in proposal["value"]]
@@ -119,7 +146,7 @@ class BoxEditor(anywidget.AnyWidget):
 
     @traitlets.validate("aspect")
     def _validate_aspect(self, proposal) -> float:
-        aspect = float(proposal["value"])
+        aspect = _finite(proposal["value"], "aspect")
         if not 0.1 <= aspect <= 10:
             raise InvalidWidgetValue(f"aspect (width / height) must be in [0.1, 10], got {aspect}.")
         return aspect
@@ -131,14 +158,18 @@ class BoxEditor(anywidget.AnyWidget):
             if subject not in self.names:
                 raise ValueError(f"No subject named {subject!r}; subjects: {self.names}.")
             return self.names.index(subject)
+        if isinstance(subject, bool) or not isinstance(subject, numbers.Integral):
+            raise ValueError(f"A subject is given by its index (an int) or its name, got {type(subject).__name__} {subject!r}.")
         if not 0 <= subject < len(self.names):
             raise ValueError(f"Subject index {subject} is out of range for {len(self.names)} subjects.")
         return int(subject)
 
     def set_box(self, subject: int | str, box: Sequence[float] | None) -> None:
         """Sets (or with None removes) one subject's box."""
+        index = self.index_of(subject)
         boxes = list(self.boxes)
-        boxes[self.index_of(subject)] = None if box is None else list(box)
+        # validated as given: list("0011") would read a string one character at a time
+        boxes[index] = None if box is None else list(validate_box(box, what=f"Box of {self.names[index]!r}"))
         self.boxes = boxes
 
     def set_background(self, image: Image.Image | None, aspect: float | None = None) -> None:
@@ -199,6 +230,13 @@ class BoxEditor(anywidget.AnyWidget):
 
     def _repr_mimebundle_(self, **kwargs):
         return png_mimebundle(super()._repr_mimebundle_(**kwargs), self.to_png())
+
+
+def _finite(value, what: str) -> float:
+    try:
+        return real_number(value, what)
+    except ValueError as error:
+        raise InvalidWidgetValue(str(error)) from None
 
 
 def _thumbnail(image: Image.Image) -> Image.Image:
