@@ -41,7 +41,7 @@ DELEGATED_HELP = {
     "train-toy": "train the toy-world model",
     "evaluate-toy": "evaluate the variants in the toy world",
     "sweep": "generate every (case, variant, seed) of a spec into run folders, resumable, on one or many processes",
-    "score": "score a sweep folder: per-image tables, 95% CIs, Fig. 4-style plots",
+    "score": "score a sweep folder: per-image tables, 95%% CIs, Fig. 4-style plots",
 }
 DEFAULT_RECORD = True
 
