@@ -27,6 +27,7 @@ EXPECTED = [
     "03_ablation_explorer.ipynb",
     "04_appendix_figures.ipynb",
     "05_sdxl.ipynb",
+    "06_sweep_and_score.ipynb",
 ]
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 TIME_LIMITS_S = {"01_quickstart.ipynb": 120}  # the quickstart promises "under 2 minutes on a CPU"
