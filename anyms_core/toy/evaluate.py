@@ -188,6 +188,65 @@ def evaluate(
     return results
 
 
+def map_study(weights: str | None, groups: list[str], n_cases: int = 30, variant: str = "anyms", seed: int = 0,
+              size: int = 64) -> dict:
+    """Do the recorded maps read right? Per step, over the cases of each group, under `variant`:
+
+    - `affinity` (normalised over space per subject token): the share of a subject's map inside its
+      own box, next to chance (the box's share of the image);
+    - `joint_share` (one softmax over all subjects' tokens): its mean inside the subject's own box,
+      next to chance (1 / subjects);
+    - `contribution`: the share of what the subject injects that lands inside its own box.
+    """
+    from anyms_core import AnyMS
+
+    from .pipeline import load_toy_pipeline
+
+    anyms = AnyMS(load_toy_pipeline(weights))
+    record = {"kinds": ["affinity", "joint_share", "contribution"], "policy": "resolution"}
+    out: dict = {}
+    for group in groups:
+        rows = {"affinity": [], "affinity_chance": [], "joint_share": [], "joint_share_chance": [], "contribution": []}
+        for case in group_cases(group, n_cases, seed):
+            from anyms_core import Subject
+
+            priorities = case.priorities or [None] * len(case.sprites)
+            subjects = [Subject(image=r, box=b, name=s.name, priority=p)
+                        for s, b, r, p in zip(case.sprites, case.boxes, case.references, priorities)]
+            run = anyms.generate(case.prompt, subjects, variant=variant, seed=case.seed, height=size, width=size,
+                                 record=record, previews=False)
+            maps = {k: run.attention.maps(k, per_step=True, size=(size, size)) for k in record["kinds"]}  # [T, S, H, W]
+            masks = np.zeros((len(case.boxes), size, size), dtype=np.float32)
+            for j, (x0, y0, x1, y1) in enumerate(case.boxes):
+                masks[j, round(y0 * size):round(y1 * size), round(x0 * size):round(x1 * size)] = 1
+            area = masks.reshape(len(masks), -1).mean(-1)  # [S]
+            share = (maps["affinity"] * masks).sum((2, 3)) / maps["affinity"].sum((2, 3))  # [T, S]
+            rows["affinity"].append(share.mean(1))
+            rows["affinity_chance"].append(np.full(share.shape[0], area.mean()))
+            inside = (maps["joint_share"] * masks).sum((2, 3)) / masks.sum((1, 2))
+            rows["joint_share"].append(inside.mean(1))
+            rows["joint_share_chance"].append(np.full(share.shape[0], 1 / len(case.boxes)))
+            total = maps["contribution"].sum((2, 3))
+            rows["contribution"].append(((maps["contribution"] * masks).sum((2, 3)) / np.maximum(total, 1e-12)).mean(1))
+        out[group] = {k: [round(float(v), 4) for v in np.mean(rows[k], 0)] for k in rows}
+        out[group]["cases"] = n_cases
+    return out
+
+
+def map_study_markdown(study: dict, variant: str = "anyms") -> str:
+    lines = []
+    for group, rows in study.items():
+        steps = len(rows["affinity"])
+        lines += [f"**{group} subjects, `{variant}`, {rows['cases']} cases** (mean over subjects and cases, per step)", "",
+                  "| step | " + " | ".join(str(i) for i in range(steps)) + " |", "|---|" + "---|" * steps]
+        for key, label in (("affinity", "`affinity` own-box share"), ("affinity_chance", "chance (box area)"),
+                           ("joint_share", "`joint_share` mean in own box"), ("joint_share_chance", "chance (1 / subjects)"),
+                           ("contribution", "`contribution` own-box share")):
+            lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in rows[key]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _cell(m: dict, digits: int = 2) -> str:
     if m is None or m["mean"] is None or (isinstance(m["mean"], float) and math.isnan(m["mean"])):
         return "-"
@@ -388,6 +447,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-scales", type=float, nargs="+", default=[0.75, 1.0, 1.25, 1.5])
     p.add_argument("--tune-guidance", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     p.add_argument("--tune-steps", type=int, nargs="+", default=[12])
+    p.add_argument("--maps", action="store_true",
+                   help="only run the map study (own-box share of each recorded map per step) on --groups; writes OUT.md/.json")
     return p.parse_args(argv)
 
 
@@ -405,6 +466,15 @@ def main(argv=None) -> dict:
         print("\n".join(str(p) for p in paths))
         return {"figures": [str(p) for p in paths]}
     groups = [str(n) for n in args.subjects] if args.subjects else args.groups
+    if args.maps:
+        study = map_study(args.weights, groups, n_cases=args.cases, seed=args.seed, size=args.size)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = "python -m anyms_core.toy.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "study": study}, indent=1))
+        out.with_suffix(".md").write_text(f"# Do the maps read right?\n\nCommand: `{command}`\n\n" + map_study_markdown(study) + "\n")
+        print(map_study_markdown(study))
+        return study
     start = time.perf_counter()
     results = evaluate(
         args.weights, groups, args.cases, args.variants, seed=args.seed, steps=args.steps, guidance=args.guidance,
