@@ -471,7 +471,7 @@ def read_index(out: str | Path) -> list[dict]:
 # Command line
 # --------------------------------------------------------------------------------------------
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m anyms_core.sweep", description=__doc__.split("\n\n")[0])
+    parser = parser or argparse.ArgumentParser(prog="anyms sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="sweep spec (.json, .yaml or .yml)")
     parser.add_argument("--out", required=True, help="output folder (resumable: finished runs are skipped)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: the accelerate process's device)")
@@ -482,8 +482,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return command(build_parser().parse_args(argv))
+    return command(parse_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:

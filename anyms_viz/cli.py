@@ -28,6 +28,22 @@ DEMO_SUBJECTS = [
 DEMO_VARIANTS = ("anyms", "mask", "none")
 
 
+def side_by_side(runs, scale: int = 4, gap: int = 8):
+    """The runs' images upscaled (nearest) in one row, each titled with its variant."""
+    from PIL import Image, ImageDraw
+
+    from anyms_core.variants import VARIANT_LABELS
+
+    width, height = runs[0].image.width * scale, runs[0].image.height * scale
+    title = 16
+    sheet = Image.new("RGB", (len(runs) * width + (len(runs) - 1) * gap, height + title), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, run in enumerate(runs):
+        sheet.paste(run.image.resize((width, height), Image.NEAREST), (i * (width + gap), title))
+        draw.text((i * (width + gap) + 2, 2), VARIANT_LABELS[run.variant], fill=(0, 0, 0))
+    return sheet
+
+
 def demo_command(args: argparse.Namespace) -> int:
     from anyms_core.models import check_model_spec
 
@@ -56,8 +72,9 @@ def demo_command(args: argparse.Namespace) -> int:
         for variant in tqdm(DEMO_VARIANTS, desc="anyms demo", unit="variant"):
             run = anyms.generate(DEMO_PROMPT, subjects, variant=variant, seed=args.seed)
             run.save(staging / "runs" / variant)
-            run.image.resize((run.image.width * 8, run.image.height * 8), 0).save(staging / f"{variant}.png")
+            run.image.resize((run.image.width * 4, run.image.height * 4), 0).save(staging / f"{variant}.png")
             runs.append(run)
+        side_by_side(runs).save(staging / "variants.png")
         # contribution: where each subject's image tokens were actually injected under each variant
         figures.save(figures.plot_comparison(runs, kind="contribution", differences=False), staging / "comparison.png", dpi=200)
         # affinity: where each position "wants" each subject, whatever the variant allows

@@ -171,7 +171,8 @@ def test_demo_writes_its_folder_whole_and_refuses_to_mix(tmp_path, monkeypatch, 
     monkeypatch.setattr(figures, "save", lambda fig, path, dpi=300: [path.write_bytes(b"png") or path])
     out = tmp_path / "demo"
     assert anyms(["demo", "--out", str(out)]) == 0
-    expected = {"anyms.png", "mask.png", "none.png", "comparison.png", "attention.png", "comparison_with_differences.png", "runs"}
+    expected = {"anyms.png", "mask.png", "none.png", "variants.png", "comparison.png", "attention.png",
+                "comparison_with_differences.png", "runs"}
     assert {p.name for p in out.iterdir()} == expected and sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     (out / "stale.txt").write_text("from an older demo")
     assert anyms(["demo", "--out", str(out)]) == 2 and "not empty" in capsys.readouterr().err

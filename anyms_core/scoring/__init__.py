@@ -201,8 +201,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return command(build_parser().parse_args(argv))
+    return command(parse_args(argv))
 
 
 def command(args: argparse.Namespace) -> int:
