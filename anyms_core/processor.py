@@ -18,6 +18,9 @@ image branch, one small function each, chosen once when the session is built:
 - ``joint`` -> :func:`joint_softmax`: diffusers' stock multi-image behaviour, one softmax over all subjects.
 - ``text``: no image branch (the text-only baseline).
 
+With several IP-Adapters loaded (a style adapter next to the subjects' one, say), only the adapter named
+by ``adapter_index`` is decoupled; each other adapter is added exactly as diffusers adds it.
+
 The layout reaches the processors as tensors only: a :class:`DecoupledState`, shared by all
 processors of a session, holds per UNet level (keyed by the number of queries) the box masks and the
 crop/merge index tensors, built once per latent size outside any compiled graph. ``torch.compile``

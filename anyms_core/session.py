@@ -118,7 +118,7 @@ def decoupled(
     """Installs AnyMS attention processors on ``pipe`` for the duration of the ``with`` block.
 
     Args:
-        pipe: a diffusers SD1.5 / SDXL-style pipeline with one IP-Adapter loaded.
+        pipe: a diffusers SD1.5 / SDXL-style pipeline with one or more IP-Adapters loaded.
         subjects: the subjects, each a reference image and a normalized box.
         variant: ``"anyms"`` (crop-and-merge), ``"mask"``, ``"none"``, ``"joint"`` or ``"text"``.
         record: what attention to record (see :class:`~anyms_core.recording.RecordConfig`); None = off.
