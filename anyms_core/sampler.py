@@ -138,8 +138,10 @@ class AnyMS:
         per_step = [b - a for a, b in zip([start] + step_times[:-1], step_times)]
         # the scheduler's steps (what num_inference_steps means), not UNet calls: Heun/KDPM2 call it twice a step
         steps = requested.steps or getattr(pipe.scheduler, "num_inference_steps", None) or len(step_times)
-        # the guidance asked for: a callback may set pipe._guidance_scale = 0 mid-run (dynamic CFG)
-        used_guidance = guidance_scale if guidance_scale is not None else _call_default(pipe, "guidance_scale")
+        # as at the first UNet call: a callback may set pipe._guidance_scale = 0 mid-run (dynamic CFG)
+        used_guidance = observer.first_guidance
+        if used_guidance is None:
+            used_guidance = getattr(pipe, "guidance_scale", guidance_scale)
         config = dataclasses.replace(
             requested, steps=int(steps),
             guidance_scale=None if used_guidance is None else float(used_guidance),
@@ -185,12 +187,6 @@ class AnyMS:
             negative_prompt=config.negative_prompt, num_images_per_prompt=config.num_images_per_prompt,
             priority_rule=config.priority_rule, progress=progress, callback=callback, **pipeline_kwargs,
         )
-
-
-def _call_default(pipe, name: str) -> Any:
-    """The default of the pipeline's ``__call__`` argument ``name`` (None if it has none)."""
-    parameter = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def _config_image(subject) -> str:
@@ -280,6 +276,7 @@ class _StepObserver:
         self.times: list[float] = []
         self.previews: list[np.ndarray] = []
         self.without_x0 = False
+        self.first_guidance: float | None = None  # pipe.guidance_scale at the first UNet call
         self.start = time.perf_counter()
         self._pending: tuple | None = None
 
@@ -319,6 +316,8 @@ class _StepObserver:
 
     def _after_unet(self, module, args, kwargs, output) -> None:
         self._finish(None)  # a UNet call whose scheduler step never came (a custom loop)
+        if not self.times:
+            self.first_guidance = getattr(self.pipe, "guidance_scale", None)
         self.times.append(time.perf_counter())
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
