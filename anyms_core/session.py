@@ -172,11 +172,12 @@ def decoupled(
             for name, processor in original.items()
         }
         modules = {name: unet.get_submodule(name.removesuffix(".processor")) for name in original}
-        ours = [(modules[name], processor) for name, processor in installed.items() if isinstance(processor, AnyMSAttnProcessor)]
+        ours = [(modules[name], processor) for name, processor in installed.items()
+                if isinstance(processor, AnyMSAttnProcessor)]
 
         @torch._dynamo.disable  # layout tensors are built here, outside any compiled graph
         def before_unet(module, args, kwargs):
-            replaced = [module for module, processor in ours if module.processor is not processor]
+            replaced = [layer for layer, processor in ours if layer.processor is not processor]
             if replaced and getattr(unet, "encoder_hid_proj", None) is not None:
                 raise RuntimeError(
                     f"The AnyMS processors of {len(replaced)} layers were replaced inside the `with decoupled(...)` "
