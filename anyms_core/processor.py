@@ -18,6 +18,9 @@ image branch, one small function each, chosen once when the session is built:
 - ``joint`` -> :func:`joint_softmax`: diffusers' stock multi-image behaviour, one softmax over all subjects.
 - ``text``: no image branch (the text-only baseline).
 
+With several IP-Adapters loaded (a style adapter next to the subjects' one, say), only the adapter named
+by ``adapter_index`` is decoupled; each other adapter is added exactly as diffusers adds it.
+
 The layout reaches the processors as tensors only: a :class:`DecoupledState`, shared by all
 processors of a session, holds per UNet level (keyed by the number of queries) the box masks and the
 crop/merge index tensors, built once per latent size outside any compiled graph. ``torch.compile``
@@ -72,12 +75,14 @@ class DecoupledState:
 
     ``image_branch`` is the variant's function, chosen here once. ``levels`` maps a layer's number of
     queries to its :class:`Level`; :meth:`prepare` (called by the session before every UNet call)
-    builds them once per latent size, device and dtype.
+    builds them once per latent size, device and dtype. ``adapter_index``: the loaded IP-Adapter whose
+    images are the subjects (diffusers' load order); any other adapter keeps its stock behaviour.
     """
 
     def __init__(self, variant: str, boxes: Sequence[Sequence[float]], paint_order: Sequence[int],
-                 subject_scales: list[float] | None = None, recorder: Any = None):
+                 subject_scales: list[float] | None = None, recorder: Any = None, adapter_index: int = 0):
         self.variant = check_variant(variant)
+        self.adapter_index = adapter_index  # which loaded IP-Adapter is decoupled; the others stay stock
         self.image_branch: Callable | None = IMAGE_BRANCHES[variant]
         self.boxes = [list(box) for box in boxes]
         self.paint_order = list(paint_order)
@@ -154,8 +159,12 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
             )
         if ip_adapter_masks is not None:
             raise ValueError("AnyMS places subjects by their boxes; do not pass ip_adapter_masks as well.")
-        text_states, (image_states,) = encoder_hidden_states
+        text_states, adapter_states = encoder_hidden_states
         state = self.state
+        if len(adapter_states) != len(self.to_k_ip):
+            raise ValueError(
+                f"{self.layer_name}: got image embeds for {len(adapter_states)} IP-Adapters, {len(self.to_k_ip)} are loaded."
+            )
         residual = hidden_states
 
         if attn.spatial_norm is not None:
@@ -198,18 +207,32 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         if recorder is not None and "text" in recorder.kinds:
             recorder.add(self.layer_name, "text", attention_probabilities(query[row], key[row]).mean(0), grid)
 
-        # --- Image cross-attention (Eq. 4): each subject's keys and values from the adapter ----------
-        num_subjects = state.num_subjects
-        if image_states.shape[1] != num_subjects:
-            raise ValueError(
-                f"{self.layer_name}: got {image_states.shape[1]} reference images for {num_subjects} subjects; "
-                "pass the session's ip_adapter_image (one image per subject, in the subjects' order)."
-            )
-        scales = self._subject_scales(num_subjects)
-        if state.image_branch is not None and any(s != 0 for s in scales):
+        # --- Image cross-attention, adapter by adapter in load order ---------------------------------
+        # The adapter named by ``state.adapter_index`` holds the subjects and is decoupled (Eq. 4-7); any other
+        # loaded adapter (a style adapter, say) is added exactly as diffusers does: its images in one softmax,
+        # times its scale. Embeds may have more rows than the queries (diffusers' dynamic-CFG recipe drops the
+        # unconditional half of the text mid-run but not of the image embeds): diffusers then lets each sample
+        # attend to the tokens of all rows (``view(batch_size, -1, ...)``); the decoupled adapter does the same
+        # per subject.
+        for index, image_states in enumerate(adapter_states):
+            if index != state.adapter_index:
+                hidden_states = _stock_adapter(hidden_states, query, image_states, self.scale[index],
+                                               self.to_k_ip[index], self.to_v_ip[index])
+                continue
+            num_subjects = state.num_subjects
+            if image_states.shape[1] != num_subjects:
+                raise ValueError(
+                    f"{self.layer_name}: got {image_states.shape[1]} reference images for {num_subjects} subjects; "
+                    "pass the session's ip_adapter_image (one image per subject, in the subjects' order)."
+                )
+            scales = self._subject_scales(num_subjects)
+            if state.image_branch is None or all(s == 0 for s in scales):
+                continue
             # [B, S, T, D] -> per-head keys/values [B, heads, S*T, head_dim]; subject j owns tokens j*T:(j+1)*T.
-            image_key = self.to_k_ip[0](image_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            image_value = self.to_v_ip[0](image_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            image_key = _rows_per_subject(self.to_k_ip[index](image_states), batch_size)
+            image_value = _rows_per_subject(self.to_v_ip[index](image_states), batch_size)
+            image_key = image_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            image_value = image_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             want_contribution = recorder is not None and "contribution" in recorder.kinds
             hidden_states, contribution = state.image_branch(
                 hidden_states, query, image_key, image_value, scales, level, row if want_contribution else None)
@@ -234,7 +257,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         """Per-subject scales: the session's, else the adapter scale set by ``pipe.set_ip_adapter_scale``."""
         if self.state.subject_scales is not None:
             return self.state.subject_scales
-        adapter_scale = self.scale[0]
+        adapter_scale = self.scale[self.state.adapter_index]
         if isinstance(adapter_scale, list):
             if len(adapter_scale) != num_subjects:
                 raise ValueError(
@@ -242,6 +265,38 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                 )
             return [float(s) for s in adapter_scale]
         return [float(adapter_scale)] * num_subjects
+
+
+def _rows_per_subject(projected: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[R, S, T, C] adapter keys or values for ``batch_size`` samples -> [batch_size, S, (R / batch_size) * T, C].
+
+    Usually R == batch_size and nothing changes. When the image embeds kept more rows than the queries have
+    (the dynamic-CFG recipe), diffusers' ``view(batch_size, -1, ...)`` gives each sample the tokens of all
+    rows; here each subject gets its own tokens of all rows, in diffusers' order."""
+    rows, num_subjects, tokens, channels = projected.shape
+    if rows == batch_size:
+        return projected
+    per_sample = projected.view(batch_size, rows // batch_size, num_subjects, tokens, channels)
+    return per_sample.transpose(1, 2).reshape(batch_size, num_subjects, -1, channels)
+
+
+def _stock_adapter(hidden_states: torch.Tensor, query: torch.Tensor, image_states: torch.Tensor,
+                   scale: float | list[float], to_k_ip: torch.nn.Module, to_v_ip: torch.nn.Module) -> torch.Tensor:
+    """A loaded adapter that AnyMS does not decouple, exactly as ``IPAdapterAttnProcessor2_0`` adds it (no
+    masks): all of its images' tokens in one softmax, times its scale."""
+    if isinstance(scale, list):
+        if all(s == 0 for s in scale):
+            return hidden_states
+        raise ValueError(
+            f"Per-image scales {scale} on an IP-Adapter that AnyMS does not decouple: diffusers takes them only "
+            "with ip_adapter_masks. Give that adapter one scale (pipe.set_ip_adapter_scale)."
+        )
+    if scale == 0:
+        return hidden_states
+    batch_size, heads, _, head_dim = query.shape
+    key = to_k_ip(image_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    value = to_v_ip(image_states).view(batch_size, -1, heads, head_dim).transpose(1, 2)
+    return hidden_states + scale * _attend(query, key, value)
 
 
 # --- The image branches, one per variant ------------------------------------------------------------

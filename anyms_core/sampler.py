@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +71,8 @@ class AnyMS:
         priority_rule: str = "order",
         progress: bool = False,
         callback: Callable[[dict], None] | None = None,
+        adapter_index: int = 0,
+        other_adapter_images: Mapping[int, Any] | None = None,
         **pipeline_kwargs: Any,
     ) -> Run:
         """Generates one composition and returns a :class:`Run`.
@@ -83,6 +85,8 @@ class AnyMS:
         recorded in ``run.config.pipeline`` (images by the hash of their pixels).
         ``callback``, if given, is called after every UNet call with a plain dict (k-diffusion style):
         ``{"step", "num_steps", "elapsed", "preview"}`` (``preview``: the x0 preview or None).
+        ``adapter_index`` / ``other_adapter_images``: with several IP-Adapters loaded, which one holds the
+        subjects and the others' images (see :func:`~anyms_core.session.decoupled`); not in ``run.config``.
 
         Steps: ``run.config.steps`` is the scheduler's ``num_inference_steps`` (what replays the run);
         previews, the callback and the attention maps count UNet calls, which are more for Heun/KDPM2
@@ -114,7 +118,8 @@ class AnyMS:
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(decoupled(
                 pipe, subjects, variant=variant, record=record_config, ip_adapter_scale=requested.ip_adapter_scale,
-                priority_rule=priority_rule, prompt=prompt,
+                priority_rule=priority_rule, prompt=prompt, adapter_index=adapter_index,
+                other_adapter_images=other_adapter_images,
             ))
             stack.enter_context(_progress_bar(pipe, enabled=progress))
             stack.enter_context(observer.installed())
@@ -133,7 +138,10 @@ class AnyMS:
         per_step = [b - a for a, b in zip([start] + step_times[:-1], step_times)]
         # the scheduler's steps (what num_inference_steps means), not UNet calls: Heun/KDPM2 call it twice a step
         steps = requested.steps or getattr(pipe.scheduler, "num_inference_steps", None) or len(step_times)
-        used_guidance = getattr(pipe, "guidance_scale", guidance_scale)
+        # as at the first UNet call: a callback may set pipe._guidance_scale = 0 mid-run (dynamic CFG)
+        used_guidance = observer.first_guidance
+        if used_guidance is None:
+            used_guidance = getattr(pipe, "guidance_scale", guidance_scale)
         config = dataclasses.replace(
             requested, steps=int(steps),
             guidance_scale=None if used_guidance is None else float(used_guidance),
@@ -268,6 +276,7 @@ class _StepObserver:
         self.times: list[float] = []
         self.previews: list[np.ndarray] = []
         self.without_x0 = False
+        self.first_guidance: float | None = None  # pipe.guidance_scale at the first UNet call
         self.start = time.perf_counter()
         self._pending: tuple | None = None
 
@@ -307,6 +316,8 @@ class _StepObserver:
 
     def _after_unet(self, module, args, kwargs, output) -> None:
         self._finish(None)  # a UNet call whose scheduler step never came (a custom loop)
+        if not self.times:
+            self.first_guidance = getattr(self.pipe, "guidance_scale", None)
         self.times.append(time.perf_counter())
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]

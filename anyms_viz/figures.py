@@ -35,6 +35,7 @@ from PIL import Image
 
 from anyms_core.layout import paint_order
 from anyms_core.run import Run
+from anyms_core.variants import VARIANT_LABELS  # column titles in the paper's words
 
 from .palette import (
     DIFFERENCE_CMAP,
@@ -51,14 +52,6 @@ __all__ = [
     "plot_layout_panel", "plot_steps", "save",
 ]
 
-# Column titles in the paper's words (Sec. 4.4 and Fig. 6).
-VARIANT_LABELS: dict[str, str] = {
-    "anyms": "AnyMS (crop-and-merge)",
-    "mask": "w/o crop-and-merge (mask)",
-    "none": "w/o local decoupling",
-    "joint": "joint softmax (stock IP-Adapter)",
-    "text": "text only",
-}
 IMAGE_BRANCH_KINDS = ("affinity", "contribution")
 PANEL_INCHES = 1.9
 

@@ -224,8 +224,10 @@ def test_comparison_of_text_runs_says_why_it_is_empty(runs):
 
 
 def test_generate_variants_checks_its_arguments(anyms):
-    with pytest.raises(ValueError, match="Choose one or more variants"):
+    with pytest.raises(ValueError, match="Unknown AnyMS variant 'crop'"):
         generate_variants(anyms, PROMPT, make_subjects(), ("anyms", "crop"))
+    with pytest.raises(ValueError, match="Choose one or more variants"):
+        generate_variants(anyms, PROMPT, make_subjects(), ())
     with pytest.raises(ValueError, match="once"):
         generate_variants(anyms, PROMPT, make_subjects(), ("anyms", "anyms"))
 
@@ -363,7 +365,9 @@ def test_explorer_static_picture(explorer):
 
 
 def test_explorer_rejects_bad_arguments(tiny_sdxl):
-    with pytest.raises(ValueError, match="Unknown variant"):
+    with pytest.raises(ValueError, match="Unknown AnyMS variant 'crop'"):
         Explorer(make_subjects(), pipe=tiny_sdxl, variant="crop")
+    with pytest.raises(ValueError, match="Unknown AnyMS variant 'mask-only'"):
+        Explorer(make_subjects(), pipe=tiny_sdxl, compare_variants=("anyms", "mask-only"))
     with pytest.raises(ValueError, match="must not set"):
         Explorer(make_subjects(), pipe=tiny_sdxl, generate_kwargs={"seed": 3})

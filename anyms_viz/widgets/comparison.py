@@ -13,6 +13,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 
 from anyms_core import VARIANTS, AnyMS, Run, Subject
+from anyms_core.variants import check_variant
 
 from .. import figures
 from ._images import figure_png, png_mimebundle
@@ -25,9 +26,10 @@ def generate_variants(anyms: AnyMS, prompt: str, subjects: Sequence[Subject], va
                       seed: int = 0, **generate_kwargs) -> list[Run]:
     """The same case and seed under each of ``variants`` (any subset of ``anyms_core.VARIANTS``)."""
     variants = list(variants)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
+    if not variants:
         raise ValueError(f"Choose one or more variants from {VARIANTS}; got {variants}.")
+    for variant in variants:
+        check_variant(variant)
     if len(set(variants)) != len(variants):
         raise ValueError(f"Each variant once, please; got {variants}.")
     return [anyms.generate(prompt, subjects, variant=variant, seed=seed, **generate_kwargs) for variant in variants]

@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from anyms_core import VARIANTS, AnyMS, Run, Subject
+from anyms_core.variants import check_variant
 from anyms_core.models import load_pipeline
 
 from .. import figures
@@ -63,11 +64,8 @@ class Explorer(widgets.VBox):
         record=True,
         display_width: int = 320,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
-        unknown = [v for v in compare_variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"Unknown variants {unknown} in compare_variants; choose from {VARIANTS}.")
+        for name in (variant, *compare_variants):
+            check_variant(name)
         if debounce_s < 0:
             raise ValueError(f"debounce_s must be >= 0, got {debounce_s}.")
         pipe = pipe if pipe is not None else load_pipeline("toy")
