@@ -190,7 +190,8 @@ def evaluate(
 
 def map_study(weights: str | None, groups: list[str], n_cases: int = 30, variant: str = "anyms", seed: int = 0,
               size: int = 64) -> dict:
-    """Do the recorded maps read right? Per step, over the cases of each group, under `variant`:
+    """Do the recorded maps read right? Per step, over the cases of each group, under `variant`, on the
+    finest attention grid (16x16 for 64 px images):
 
     - `affinity` (normalised over space per subject token): the share of a subject's map inside its
       own box, next to chance (the box's share of the image);
@@ -215,7 +216,9 @@ def map_study(weights: str | None, groups: list[str], n_cases: int = 30, variant
                         for s, b, r, p in zip(case.sprites, case.boxes, case.references, priorities)]
             run = anyms.generate(case.prompt, subjects, variant=variant, seed=case.seed, height=size, width=size,
                                  record=record, previews=False)
-            maps = {k: run.attention.maps(k, per_step=True, size=(size, size)) for k in record["kinds"]}  # [T, S, H, W]
+            # the finest attention grid (size / 4 here), upsampled to the image
+            finest = max(run.attention.resolutions, key=lambda g: g[0] * g[1])
+            maps = {k: run.attention.maps(k, per_step=True, resolution=finest, size=(size, size)) for k in record["kinds"]}
             masks = np.zeros((len(case.boxes), size, size), dtype=np.float32)
             for j, (x0, y0, x1, y1) in enumerate(case.boxes):
                 masks[j, round(y0 * size):round(y1 * size), round(x0 * size):round(x1 * size)] = 1
@@ -479,7 +482,7 @@ def main(argv=None) -> dict:
     results = evaluate(
         args.weights, groups, args.cases, args.variants, seed=args.seed, steps=args.steps, guidance=args.guidance,
         ip_adapter_scale=args.ip_adapter_scale, size=args.size, bootstrap=args.bootstrap,
-        keep_images=6 if args.grid else 0, jobs=args.jobs, threads=args.threads,
+        keep_images=3 if args.grid else 0, jobs=args.jobs, threads=args.threads,
     )
     images = results.pop("images")
     scores = results.pop("scores")
@@ -537,7 +540,7 @@ def main(argv=None) -> dict:
         from .train import image_grid
 
         rows = [Image.fromarray(im) for key in sorted(images) for im in images[key]]
-        image_grid(rows, columns=6).save(args.grid)
+        image_grid(rows, columns=6, scale=2).save(args.grid)  # per row: two (group, variant) pairs, 3 cases each
     print(markdown_table(report["groups"], variants))
     return report
 
