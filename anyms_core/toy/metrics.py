@@ -303,37 +303,19 @@ def score_case(image, case: "world.Case") -> dict:
 
 
 def average_precision(scores: list[dict], iou_threshold: float = PLACED_IOU) -> float:
-    """AP at `iou_threshold` over a set of scored cases, per colour class (COCO 101-point), averaged."""
-    aps = []
-    for color in world.COLOR_NAMES:
-        gts = [(i, s["target"]) for i, sc in enumerate(scores) for s in sc["subjects"] if s["sprite"].startswith(color + " ")]
-        if not gts:
-            continue
-        dets = sorted(
-            ((d["score"], i, d["box"]) for i, sc in enumerate(scores) for d in sc["detections"] if d["color"] == color),
-            key=lambda t: -t[0],
-        )
-        matched = set()
-        tp = []
-        for _, i, box in dets:
-            best, best_iou = None, iou_threshold
-            for j, (gi, gbox) in enumerate(gts):
-                if gi == i and j not in matched:
-                    iou = box_iou(box, gbox)
-                    if iou >= best_iou:
-                        best, best_iou = j, iou
-            tp.append(best is not None)
-            if best is not None:
-                matched.add(best)
-        tp_cum = np.cumsum(tp) if tp else np.zeros(0)
-        recall = tp_cum / len(gts)
-        precision = tp_cum / np.arange(1, len(tp) + 1) if tp else np.zeros(0)
-        ap = 0.0
-        for r in np.linspace(0, 1, 101):
-            p = precision[recall >= r].max() if (recall >= r).any() else 0.0
-            ap += p / 101
-        aps.append(ap)
-    return float(np.mean(aps)) if aps else 0.0
+    """AP at `iou_threshold` over a set of scored cases, per colour class (COCO 101-point), averaged:
+    the paper's AP50 (`anyms_core.scoring.detection.average_precision`) with colours as classes."""
+    from anyms_core.scoring.detection import average_precision as detection_ap
+
+    images = [
+        {
+            "detections": [{"label": d["color"], "box": d["box"], "score": d["score"]} for d in sc["detections"]],
+            "truths": [{"label": s["sprite"].split()[0], "box": s["target"]} for s in sc["subjects"]],
+        }
+        for sc in scores
+    ]
+    ap = detection_ap(images, iou_threshold)
+    return 0.0 if math.isnan(ap) else ap
 
 
 def summarize(scores: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
