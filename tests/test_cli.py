@@ -152,7 +152,7 @@ def test_evaluate_toy_takes_its_documented_flags(tmp_path, capsys):
     assert main(["evaluate-toy", "--subjects", "2", "--cases", "1", "--variants", "anyms", "--bootstrap", "10",
                  "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["settings"]["subjects"] == [2] and report["settings"]["cases"] == 1
+    assert report["settings"]["groups"] == ["2"] and report["settings"]["cases"] == 1
 
 
 def test_train_toy_reaches_its_parser(capsys):

@@ -67,7 +67,7 @@ def test_wheel_installs_with_widgets_and_toy_model(tmp_path):
     result = subprocess.run([str(python), "-c", CHECK], cwd=tmp_path, capture_output=True, text=True, env=environment,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("ok (32, 32)") and str(env_dir) in result.stdout
+    assert result.stdout.startswith("ok (64, 64)") and str(env_dir) in result.stdout
     console = env_dir / "bin" / "anyms"
     if console.exists():
         help_text = subprocess.run([str(console), "--help"], cwd=tmp_path, capture_output=True, text=True, env=environment)
