@@ -78,12 +78,7 @@ def _as_array(image: "Image.Image | np.ndarray | torch.Tensor") -> np.ndarray:
     return array / 255.0 if array.max() > 1.0 else array
 
 
-def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from anyms_core.scoring.detection import box_iou  # noqa: E402  (one IoU for the toy and the paper's metrics)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
