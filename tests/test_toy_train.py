@@ -40,3 +40,22 @@ def test_trains_resumes_and_exports(tmp_path):
     image = pipe(world.DEFAULT_PROMPTS["snow"], ip_adapter_image=[[world.sprite_reference("red circle")]],
                  num_inference_steps=2).images[0]
     assert image.size == (64, 64)
+
+
+def test_init_from_continues_a_trained_model(tmp_path):
+    """--init-from starts both stages from a weights folder: with no steps, the export equals its source."""
+    source = tmp_path / "source"
+    common = ["--batch-size", "2", "--size", "32", "--check-images", "0", "--log-every", "1"]
+    train.main(["--out", str(source), "--stage1-steps", "1", "--stage2-steps", "1"] + common)
+    copy = tmp_path / "copy"
+    train.main(["--out", str(copy), "--init-from", str(source / "weights"), "--stage1-steps", "0",
+                "--stage2-steps", "0"] + common)
+    a, b = load_toy_pipeline(source / "weights"), load_toy_pipeline(copy / "weights")
+    for module in ("unet", "text_encoder", "image_encoder"):
+        left, right = getattr(a, module).state_dict(), getattr(b, module).state_dict()
+        assert left.keys() == right.keys()
+        assert all(torch.equal(left[k], right[k]) for k in left), module
+    fresh = tmp_path / "fresh"  # and without it, the same seed gives other (random) weights
+    train.main(["--out", str(fresh), "--stage1-steps", "0", "--stage2-steps", "0"] + common)
+    c = load_toy_pipeline(fresh / "weights")
+    assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight)

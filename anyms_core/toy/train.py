@@ -43,6 +43,7 @@ from .pipeline import (
     ToyWorldPipeline,
     build_components,
     fold,
+    IP_ADAPTER_WEIGHT_NAME,
     initial_ip_adapter_state_dict,
     load_toy_pipeline,
     save_toy_pipeline,
@@ -229,9 +230,24 @@ def build_pipeline(seed: int, device: torch.device, with_adapter: bool) -> ToyWo
     return pipe.to(device)
 
 
-def add_adapter(pipe: ToyWorldPipeline, seed: int) -> None:
+def add_adapter(pipe: ToyWorldPipeline, seed: int, init_from: str | None = None) -> None:
+    """A fresh adapter (to_k_ip / to_v_ip copied from to_k / to_v), or the one in a weights folder."""
+    if init_from is not None:
+        pipe.load_ip_adapter(str(init_from), subfolder="ip_adapter", weight_name=IP_ADAPTER_WEIGHT_NAME,
+                             local_files_only=True)
+        return
     state = initial_ip_adapter_state_dict(pipe.unet, pipe.image_encoder.config.projection_dim, seed=seed)
     pipe.load_ip_adapter(state, subfolder=None, weight_name=None)
+
+
+def load_base_weights(pipe: ToyWorldPipeline, weights_dir: str) -> None:
+    """Copy a weights folder's UNet (without its adapter), text encoder and image encoder into `pipe`."""
+    trained = load_toy_pipeline(weights_dir)
+    trained.unet.set_default_attn_processor()
+    base = {k: v for k, v in trained.unet.state_dict().items() if not k.startswith("encoder_hid_proj")}
+    pipe.unet.load_state_dict(base)
+    pipe.text_encoder.load_state_dict(trained.text_encoder.state_dict())
+    pipe.image_encoder.load_state_dict(trained.image_encoder.state_dict())
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +301,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init-from", default=None, metavar="WEIGHTS_DIR",
+                   help="start from a trained weights folder (e.g. the shipped one) instead of random weights: "
+                        "stage 1 continues its base, stage 2 its adapter (fresh optimiser and schedule)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--size", type=int, default=64, help="training image side in pixels")
     p.add_argument("--stage1-fraction", type=float, default=0.4, help="share of the training time for stage 1")
@@ -301,7 +320,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--session-steps", type=int, default=None,
                    help="stop this run after N optimizer steps (checkpoint, no export); resume later with --resume")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("stage1_steps", "stage2_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.init_from is not None and not (Path(args.init_from) / "unet" / "config.json").exists():
+        p.error(f"--init-from {args.init_from}: not a toy-world weights folder (no unet/config.json)")
+    return args
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -343,15 +368,19 @@ def main(argv=None) -> dict:
         pipe.text_encoder.load_state_dict(saved["text_encoder"])
         pipe.image_encoder.load_state_dict(saved["image_encoder"])
         if saved["stage"] >= 2 and not saved["has_adapter"]:
-            add_adapter(pipe, args.seed)  # stage 1 finished: a fresh adapter on the final base
+            add_adapter(pipe, args.seed, args.init_from)  # stage 1 finished: the adapter on the final base
         pipe.to(device)
         generator.set_state(saved["generator"])
         state = {k: saved[k] for k in ("stage", "step", "elapsed", "log", "checks")}
         resumed_optimizer, resumed_ema = saved["optimizer"], saved["ema"]
         print(f"resumed from {ckpt_path}: stage {state['stage']}, steps {state['step']}, "
               f"{sum(state['elapsed'].values()) / 60:.1f} min done", file=sys.stderr)
-    elif args.resume:
-        print(f"--resume: no checkpoint at {ckpt_path}, starting fresh", file=sys.stderr)
+    else:
+        if args.resume:
+            print(f"--resume: no checkpoint at {ckpt_path}, starting fresh", file=sys.stderr)
+        if args.init_from is not None:
+            load_base_weights(pipe, args.init_from)
+            pipe.to(device)
 
     tokens = pipe.tokenizer(
         prompt_table(), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -374,7 +403,7 @@ def main(argv=None) -> dict:
         if stage == 2 and state["stage"] == 1:
             # freeze the base (its EMA weights) and attach a fresh adapter
             state["stage"] = 2
-            add_adapter(pipe, args.seed)
+            add_adapter(pipe, args.seed, args.init_from)
             pipe.to(device)
             resumed_optimizer = resumed_ema = None
         params = stage1_params(pipe) if stage == 1 else stage2_params(pipe)
@@ -398,12 +427,13 @@ def main(argv=None) -> dict:
         pipe.text_encoder.train(stage == 1)
         pipe.image_encoder.train(stage == 2)
         budget_s, fixed_steps = stage_budget[stage], stage_steps[stage]
+        by_steps = fixed_steps is not None  # 0 steps is a valid request (e.g. export an --init-from model)
         last_ckpt = time.perf_counter()
         running, running_n = torch.zeros((), device=device), 0
         bar = tqdm(
-            total=fixed_steps if fixed_steps else round(budget_s),
-            initial=state["step"][stage] if fixed_steps else min(round(state["elapsed"][stage]), round(budget_s)),
-            unit="step" if fixed_steps else "s",
+            total=fixed_steps if by_steps else round(budget_s),
+            initial=state["step"][stage] if by_steps else min(round(state["elapsed"][stage]), round(budget_s)),
+            unit="step" if by_steps else "s",
             desc=f"stage {stage}",
             dynamic_ncols=True,
             mininterval=2.0,
@@ -411,7 +441,10 @@ def main(argv=None) -> dict:
         )
         while True:
             step = state["step"][stage]
-            fraction = step / fixed_steps if fixed_steps else state["elapsed"][stage] / budget_s
+            if by_steps:
+                fraction = step / fixed_steps if fixed_steps > 0 else 1.0
+            else:
+                fraction = state["elapsed"][stage] / budget_s
             if fraction >= 1:
                 break
             t0 = time.perf_counter()
@@ -441,7 +474,7 @@ def main(argv=None) -> dict:
             running_n += 1
             dt = time.perf_counter() - t0
             state["elapsed"][stage] += dt
-            bar.update(1 if fixed_steps else min(dt, max(budget_s - bar.n, 0)))
+            bar.update(1 if by_steps else min(dt, max(budget_s - bar.n, 0)))
             if (step + 1) % args.log_every == 0:
                 row = {"stage": stage, "step": step + 1, "seconds": round(state["elapsed"][stage], 2),
                        "loss": running.item() / running_n, "lr": lr}
