@@ -1,9 +1,8 @@
 """Train the toy-world model in two stages, like SD + IP-Adapter, within a wall-clock budget.
 
-Stage 1 (text-to-image base): UNet + text encoder on scenes whose sprites the text cannot control.
-Half the scenes are empty backgrounds with a prompt naming the background ("a photo on grass"); the
-other half hold 1-3 random sprites and the prompt only says "things on grass". So the base can draw
-sprites, but nothing in the text chooses which sprite or where.
+Stage 1 (text-to-image base): UNet + text encoder on scenes with 0-2 sprites whose prompt names every
+sprite ("a photo of a red triangle and a cyan circle on grass"; an empty scene's prompt names only the
+background). So the base knows the sprites by name, as SDXL knows objects, but no text ever says where.
 
 Stage 2 (image adapter): the base is frozen; the image encoder, the image projection and every
 cross-attention layer's to_k_ip / to_v_ip (diffusers' stock IP-Adapter modules, loaded through
@@ -18,7 +17,9 @@ minutes and `--resume` continues from the last one (the budget counts the time a
     python -m anyms_core.toy.train --out toy_ckpt --minutes 8 --device cuda --batch-size 512
 
 writes toy_ckpt/weights/ (the shipped layout), toy_ckpt/loss_log.csv, toy_ckpt/samples.png,
-toy_ckpt/train_summary.json and toy_ckpt/checkpoint.pt.
+toy_ckpt/train_summary.json and toy_ckpt/checkpoint.pt. ``--init-from anyms_core/toy/weights`` continues a
+trained model (its base in stage 1, its adapter in stage 2) with a fresh schedule instead of starting from
+random weights.
 """
 
 from __future__ import annotations
