@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         done = set(_finished())
         chosen = [n for n in chosen if n not in done]
     if chosen:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs), *chosen], check=True)
+        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs), *chosen])
+        if run.returncode != 0:
+            print(f"mutmut run failed (exit {run.returncode}); its output is above", file=sys.stderr)
+            return run.returncode
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "mutation_report.py"),
                            "--only", str(ROOT / "mutants" / "sample.txt")]).returncode
 

@@ -94,6 +94,7 @@ def run():
 def test_overwrite_that_fails_at_the_rename_keeps_the_old_run(run, tmp_path, monkeypatch):
     run.save(tmp_path / "run")
     old = (tmp_path / "run" / "run.json").read_text()
+    files_before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     real_replace = os.replace
     calls = []
 
@@ -109,6 +110,7 @@ def test_overwrite_that_fails_at_the_rename_keeps_the_old_run(run, tmp_path, mon
     monkeypatch.undo()
     assert (tmp_path / "run" / "run.json").read_text() == old and Run.load(tmp_path / "run").config == run.config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == files_before
 
 
 def test_an_interrupted_save_leaves_nothing(run, tmp_path, monkeypatch):

@@ -588,27 +588,6 @@ def test_load_names_the_config_and_missing_arrays(tmp_path):
     assert loaded.attention is not None and loaded.attention.entries == {} and loaded.previews == []
 
 
-def test_an_overwrite_that_fails_at_the_rename_keeps_the_old_run(tmp_path, monkeypatch):
-    old, new = _run(), _run(attention=False, previews=False, n_images=1)
-    old.save(tmp_path / "run")
-    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    real_replace = os.replace
-    calls = []
-
-    def flaky(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # the new run taking the old one's place
-            raise OSError("rename failed")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
-    with pytest.raises(OSError, match="rename failed"):
-        new.save(tmp_path / "run", overwrite=True)
-    monkeypatch.undo()
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
-    assert Run.load(tmp_path / "run").attention is not None
-
-
 def test_a_failed_write_leaves_nothing_and_raises(tmp_path, monkeypatch):
     def broken(self, directory):
         (directory / "image.png").write_bytes(b"half")
