@@ -38,6 +38,8 @@ def mutmut_results() -> dict[str, str]:
 def explained_survivors() -> dict[str, str]:
     """{mutant name: reason} from the lines "- `NAME`: reason" of docs/mutation.md."""
     reasons = {}
+    if not EXPLAINED.exists():
+        return reasons
     for line in EXPLAINED.read_text().splitlines():
         match = re.match(r"\s*- `(\S+__mutmut_\d+)`:? (.+)$", line)
         if match:
