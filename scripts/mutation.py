@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mutation_report import mutmut_results  # this folder is on sys.path when the script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ def all_mutant_names() -> list[str]:
     names = []
     for path in sorted((ROOT / "mutants").rglob("*.py")):
         text = path.read_text()
-        if "__mutmut_" not in text or "mutants" not in path.relative_to(ROOT).parts[0]:
+        if "__mutmut_" not in text:
             continue
         module = ".".join(path.relative_to(ROOT / "mutants").with_suffix("").parts)
         for key in re.findall(r"^\w+\['(\w+__mutmut_\d+)'\] = ", text, flags=re.M):
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(names)} mutants generated; running {len(chosen)} (1 in {args.sample})", flush=True)
     (ROOT / "mutants" / "sample.txt").write_text("\n".join(chosen) + "\n")
     if args.resume:  # named mutants are always re-run by mutmut: skip those with a result
-        done = set(_finished())
+        done = {name for name, status in mutmut_results().items() if status != "not checked"}
         chosen = [n for n in chosen if n not in done]
     if chosen:
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.jobs), *chosen])
@@ -84,11 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             return run.returncode
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "mutation_report.py"),
                            "--only", str(ROOT / "mutants" / "sample.txt")]).returncode
-
-
-def _finished() -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], capture_output=True, text=True).stdout
-    return [m.group(1) for m in re.finditer(r"^\s*(\S+__mutmut_\d+): (?!not checked)", out, flags=re.M)]
 
 
 if __name__ == "__main__":
