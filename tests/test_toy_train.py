@@ -10,8 +10,11 @@ from anyms_core.toy.pipeline import fold, load_toy_pipeline
 
 def test_batches_are_well_formed():
     g = torch.Generator().manual_seed(0)
-    images, prompts = train.stage1_batch(16, 64, g, "cpu")
+    images, prompts, coverage = train.stage1_batch(16, 64, g, "cpu")
     assert images.shape == (16, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert coverage.shape == (16, 64, 64) and coverage.min() >= 0 and coverage.max() <= 1
+    empty = [i for i, p in enumerate(prompts) if p and not set(p.split()) & set(world.SHAPES)]
+    assert empty and all(coverage[i].max() == 0 for i in empty)  # no named sprite, no sprite drawn
     vocabulary = set(world.VOCABULARY_WORDS)
     assert all(set(p.split()) <= vocabulary for p in prompts)  # the base learns sprites by name
     assert any(any(shape in p for shape in world.SHAPES) for p in prompts)
@@ -21,6 +24,32 @@ def test_batches_are_well_formed():
     # stage-2 prompts never name a sprite: identity must come from the reference
     names = set(world.SHAPES) | set(world.COLOR_NAMES)
     assert all(not (set(table[i].split()) & names) for i in prompts.tolist())
+
+
+def test_stage1_framing_puts_one_sprite_scenes_in_the_whole_frame():
+    g = torch.Generator().manual_seed(1)
+    images, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=1.0)
+    one = [i for i, p in enumerate(prompts) if p and len(set(p.split()) & set(world.SHAPES)) == 1 and " and " not in p]
+    assert one
+    for i in one:  # the inscribed square's side is >= 84% of the image (margins <= 8% each)
+        rows = (coverage[i] > 0.5).any(dim=1).nonzero()
+        cols = (coverage[i] > 0.5).any(dim=0).nonzero()
+        assert max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) >= 0.84 * 64 - 2
+
+
+def test_sprite_weight_raises_the_loss_on_sprite_cells_only():
+    torch.manual_seed(0)
+    pipe = train.build_pipeline(0, torch.device("cpu"), with_adapter=False)
+    images, prompts, coverage = train.stage1_batch(4, 64, torch.Generator().manual_seed(2), "cpu")
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0]
+        alphas = train.training_alphas_cumprod(pipe.scheduler)
+        losses = [train.v_loss(pipe.unet, images, embeds, alphas, torch.Generator().manual_seed(3),
+                               sprite_coverage=cov, sprite_weight=w)
+                  for cov, w in ((None, 0.0), (coverage, 0.0), (torch.zeros_like(coverage), 5.0), (coverage, 5.0))]
+    assert losses[0] == losses[1] == losses[2]  # no weight, or no sprite: the plain loss
+    assert losses[3] > losses[0]
 
 
 def test_trains_resumes_and_exports(tmp_path):

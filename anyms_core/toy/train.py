@@ -81,20 +81,34 @@ def _randint(high: int, shape, generator, device) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=generator, device=device)
 
 
-def stage1_batch(n: int, size: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list[str]]:
-    """Base-model scenes [n, 3, H, W] in [-1, 1] and their prompts: 0, 1 or 2 sprites (25/45/30%),
-    every sprite named in the prompt ("a photo of a red circle and a lime cross on grass"); an empty
-    scene's prompt names the background only. So the base knows the 20 sprites by name (as SDXL knows
-    objects), never draws one the prompt does not name, and no text ever says where or how big."""
+STAGE1_COUNTS = (0.25, 0.45, 0.30)  # shares of stage-1 scenes with 0, 1 and 2 sprites
+
+
+def stage1_batch(
+    n: int, size: int, generator: torch.Generator, device, frame_fraction: float = 0.0,
+    counts: tuple[float, float, float] = STAGE1_COUNTS,
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Base-model scenes [n, 3, H, W] in [-1, 1], their prompts and sprite coverage [n, H, W]: 0, 1 or 2
+    sprites (`counts`, default 25/45/30%), every sprite named in the prompt ("a photo of a red circle and a lime cross on
+    grass"); an empty scene's prompt names the background only. So the base knows the 20 sprites by name
+    (as SDXL knows objects), never draws one the prompt does not name, and no text ever says where or how
+    big. `frame_fraction` of the one-sprite scenes are object-centric (the sprite inscribed in the whole
+    frame): there the place is known from the start of sampling and only the prompt can tell a triangle
+    from a circle, which is what teaches the base to draw the shape a word names."""
     backgrounds = _randint(len(world.BACKGROUNDS), (n,), generator, device)
     k = 2
     u = torch.rand(n, generator=generator, device=device)
-    count = (u >= 0.25).long() + (u >= 0.7).long()
+    count = (u >= counts[0]).long() + (u >= counts[0] + counts[1]).long()
     present = torch.arange(k, device=device).view(1, k) < count.view(n, 1)
     shapes = _randint(len(world.SHAPES), (n, k), generator, device)
     colors = _randint(len(world.COLOR_NAMES), (n, k), generator, device)
     boxes = random_boxes(n, k, 0.15, 0.85, generator, device)
+    margins = 0.08 * torch.rand(n, 4, generator=generator, device=device)
+    framed = torch.cat([margins[:, :2], 1 - margins[:, 2:]], dim=-1)
+    use_frame = (count == 1) & (torch.rand(n, generator=generator, device=device) < frame_fraction)
+    boxes[:, 0] = torch.where(use_frame.view(n, 1), framed, boxes[:, 0])
     images = world.render_batch(backgrounds, shapes, colors, boxes, present, size, size, generator, supersample=2)
+    coverage = (world.sprite_alpha(shapes, boxes, size, size, 2) * present.float().view(n, k, 1, 1)).amax(dim=1)
     template = _randint(6, (n,), generator, device)
     drop_text = torch.rand(n, generator=generator, device=device) < 0.1
     prompts = []
@@ -104,7 +118,7 @@ def stage1_batch(n: int, size: int, generator: torch.Generator, device) -> tuple
             continue
         sprites = [world.Sprite(world.SHAPES[shapes[i, j]], world.COLOR_NAMES[colors[i, j]]) for j in range(c)]
         prompts.append(world.named_prompt(world.BACKGROUNDS[bg], sprites, tpl))
-    return images * 2 - 1, prompts
+    return images * 2 - 1, prompts, coverage
 
 
 def stage2_batch(
@@ -162,9 +176,13 @@ def training_alphas_cumprod(scheduler) -> torch.Tensor:
     return DDPMScheduler.from_config(scheduler.config).alphas_cumprod.clone()
 
 
-def v_loss(unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None) -> torch.Tensor:
+def v_loss(
+    unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None, sprite_coverage=None, sprite_weight=0.0
+) -> torch.Tensor:
     """Clean-image (x0) prediction loss, weighted 1 + min(SNR, 4): the weight grows towards low noise,
-    where edges and shapes are decided, but never lets the near-clean steps dominate."""
+    where edges and shapes are decided, but never lets the near-clean steps dominate. With
+    `sprite_coverage` [n, H, W], latent cells are further weighted 1 + sprite_weight * (sprite share of
+    the cell), so that the few sprite cells are not outweighed by the textured backgrounds."""
     x0 = fold(images)
     n = x0.shape[0]
     t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator, device=x0.device)
@@ -173,6 +191,9 @@ def v_loss(unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwar
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
     pred = unet(x_t, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
     weight = 1 + (alpha / (1 - alpha).clamp_min(1e-8)).clamp(max=4.0)
+    if sprite_coverage is not None and sprite_weight > 0:
+        cells = F.avg_pool2d(sprite_coverage.unsqueeze(1).float(), images.shape[-1] // x0.shape[-1])
+        weight = weight * (1 + sprite_weight * cells)
     return ((pred.float() - x0.float()) ** 2 * weight).mean()
 
 
@@ -278,6 +299,12 @@ def quick_check(pipe: ToyWorldPipeline, stage: int, n: int, seed: int) -> tuple[
             rows["subject_found"].append(float(found is not None))
             rows["shape_ok"].append(float(found is not None and found.shape == case.sprites[0].shape))
     summary = {k: round(sum(v) / len(v), 3) for k, v in rows.items() if v}
+    # Is the shape learned at all? Error with a wrong shape / with the right one, framed sprites at t=900
+    # (1.0 = shape ignored; see diagnostics.py). Stage 1 tells the shape by the prompt, stage 2 by the reference.
+    from .diagnostics import shape_reliance
+
+    ratio = shape_reliance(pipe, "text" if stage == 1 else "image", n=16, timesteps=(900,), seed=seed)[900]
+    summary["shape_reliance"] = ratio
     return summary, images
 
 
@@ -312,6 +339,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage2-steps", type=int, default=None, help="fixed step count for stage 2 (overrides time)")
     p.add_argument("--frame-fraction", type=float, default=0.5,
                    help="share of stage-2 scenes whose sprite is inscribed in the whole frame")
+    p.add_argument("--stage1-frame-fraction", type=float, default=0.0,
+                   help="share of stage-1 one-sprite scenes whose sprite is inscribed in the whole frame")
+    p.add_argument("--stage1-counts", type=float, nargs=3, default=list(STAGE1_COUNTS), metavar=("P0", "P1", "P2"),
+                   help="shares of stage-1 scenes with 0, 1 and 2 sprites (sum 1)")
+    p.add_argument("--sprite-weight", type=float, default=0.0,
+                   help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
     p.add_argument("--lr1", type=float, default=6e-4)
     p.add_argument("--lr2", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -325,6 +358,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("stage1_steps", "stage2_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("frame_fraction", "stage1_frame_fraction", "stage1_fraction"):
+        if not 0 <= getattr(args, flag) <= 1:
+            p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+    if min(args.stage1_counts) < 0 or abs(sum(args.stage1_counts) - 1) > 1e-6:
+        p.error(f"--stage1-counts must be 3 shares >= 0 that sum to 1, got {args.stage1_counts}")
+    if args.sprite_weight < 0:
+        p.error(f"--sprite-weight must be >= 0, got {args.sprite_weight}")
     if args.init_from is not None and not (Path(args.init_from) / "unet" / "config.json").exists():
         p.error(f"--init-from {args.init_from}: not a toy-world weights folder (no unet/config.json)")
     return args
@@ -453,11 +493,13 @@ def main(argv=None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if stage == 1:
-                images, prompts = stage1_batch(args.batch_size, args.size, generator, device)
+                images, prompts, coverage = stage1_batch(
+                    args.batch_size, args.size, generator, device, args.stage1_frame_fraction, tuple(args.stage1_counts))
                 ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                      truncation=True, return_tensors="pt").input_ids.to(device)
                 text_embeds = pipe.text_encoder(ids)[0]
-                loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator)
+                loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator,
+                              sprite_coverage=coverage, sprite_weight=args.sprite_weight)
             else:
                 images, prompts, refs, keep = stage2_batch(args.batch_size, args.size, generator, device, args.frame_fraction)
                 with torch.no_grad():

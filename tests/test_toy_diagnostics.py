@@ -1,0 +1,39 @@
+"""shape_reliance: 1.0 exactly when the model cannot see the shape it is told; loud errors otherwise."""
+
+import pytest
+import torch
+
+from anyms_core.toy import train
+from anyms_core.toy.diagnostics import shape_reliance
+
+
+@pytest.fixture(scope="module")
+def fresh_pipe():
+    torch.set_num_threads(1)
+    pipe = train.build_pipeline(0, torch.device("cpu"), with_adapter=True)
+    pipe.unet.eval()
+    return pipe
+
+
+def test_a_model_blind_to_the_condition_scores_exactly_one(fresh_pipe, monkeypatch):
+    # every prompt encodes to the same embedding: right and wrong shape words are indistinguishable
+    encode = fresh_pipe.text_encoder.forward
+    monkeypatch.setattr(fresh_pipe.text_encoder, "forward",
+                        lambda ids, *a, **k: encode(torch.zeros_like(ids), *a, **k))
+    ratios = shape_reliance(fresh_pipe, "text", n=4, timesteps=(500, 900))
+    assert ratios == {500: 1.0, 900: 1.0}
+
+
+def test_a_model_that_sees_the_condition_scores_other_than_one(fresh_pipe):
+    for source in ("text", "image"):
+        ratios = shape_reliance(fresh_pipe, source, n=4, timesteps=(900,), framed=False)
+        assert ratios[900] > 0 and ratios[900] != 1.0  # random weights: some dependence, either way
+
+
+def test_bad_requests_fail_loudly(fresh_pipe):
+    with pytest.raises(ValueError, match="source"):
+        shape_reliance(fresh_pipe, "audio", n=2)
+    base = train.build_pipeline(0, torch.device("cpu"), with_adapter=False)
+    with pytest.raises(ValueError, match="IP-Adapter"):
+        shape_reliance(base, "image", n=2)
+    assert set(shape_reliance(base, "text", n=2, timesteps=(700,))) == {700}
