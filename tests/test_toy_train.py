@@ -88,3 +88,29 @@ def test_init_from_continues_a_trained_model(tmp_path):
     train.main(["--out", str(fresh), "--stage1-steps", "0", "--stage2-steps", "0"] + common)
     c = load_toy_pipeline(fresh / "weights")
     assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight)
+
+
+def test_aligning_the_image_encoder_fits_name_tokens_and_keeps_zero_biases():
+    torch.manual_seed(0)
+    pipe = train.build_pipeline(0, torch.device("cpu"), with_adapter=True)
+    g = torch.Generator().manual_seed(4)
+    refs, shapes, colors = train.reference_batch(8, g, "cpu")
+    assert refs.shape == (8, 3, 32, 32) and refs.min() >= -1 and refs.max() <= 1
+    assert shapes.shape == colors.shape == (8,)
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    first = train.align_image_encoder(pipe, 1, 64, torch.Generator().manual_seed(5), "cpu")
+    last = train.align_image_encoder(pipe, 60, 64, torch.Generator().manual_seed(6), "cpu")
+    assert last < 0.5 * first
+    # a zero image embedding (diffusers' negative) must still give zero tokens: no image branch
+    assert not projection.image_embeds.bias.any() and not projection.norm.bias.any()
+
+
+def test_align_steps_run_before_stage_two(tmp_path):
+    out = tmp_path / "run"
+    result = train.main(["--out", str(out), "--stage1-steps", "1", "--stage2-steps", "1", "--align-steps", "2",
+                         "--batch-size", "2", "--size", "32", "--check-images", "0"])
+    assert result["steps"] == {1: 1, 2: 1}
+    assert isinstance(result["align_loss"], float) and result["align_loss"] > 0
+    plain = train.main(["--out", str(tmp_path / "plain"), "--stage1-steps", "0", "--stage2-steps", "0",
+                        "--batch-size", "2", "--size", "32", "--check-images", "0"])
+    assert plain["align_loss"] is None

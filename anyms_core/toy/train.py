@@ -166,6 +166,56 @@ def stage2_batch(
     return images * 2 - 1, prompts, refs, ~drop_image
 
 
+def reference_batch(n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[n, 3, 32, 32] sprite references as the image encoder sees them (fill 0.5-0.9, aspect 0.6-1.6,
+    jittered, on any background or plain grey; normalized), with their shape and colour ids [n]."""
+    backgrounds = _randint(len(world.BACKGROUNDS) + 1, (n,), generator, device)  # the last is plain grey
+    shapes = _randint(len(world.SHAPES), (n, 1), generator, device)
+    colors = _randint(len(world.COLOR_NAMES), (n, 1), generator, device)
+    fill = 0.5 + 0.4 * torch.rand(n, generator=generator, device=device)
+    aspect = torch.exp(math.log(0.6) + (math.log(1.6) - math.log(0.6)) * torch.rand(n, generator=generator, device=device))
+    rw, rh = (fill * aspect.sqrt()).clamp(max=0.95), (fill / aspect.sqrt()).clamp(max=0.95)
+    cx = 0.5 + (1 - rw) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
+    cy = 0.5 + (1 - rh) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
+    boxes = torch.stack([cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2], dim=-1).view(n, 1, 4)
+    present = torch.ones(n, 1, dtype=torch.bool, device=device)
+    refs = world.render_batch(backgrounds, shapes, colors, boxes, present, 32, 32, generator)
+    refs = (torch.round(refs * 255) / 255 - 0.5) / 0.5  # what a PIL reference holds, then CLIPImageProcessor
+    return refs, shapes[:, 0], colors[:, 0]
+
+
+def align_image_encoder(pipe: ToyWorldPipeline, steps: int, batch_size: int, generator: torch.Generator, device,
+                        lr: float = 2e-3) -> float:
+    """Before the adapter's diffusion training: fit the image encoder and the image projection so that a
+    reference's 4 image tokens equal the text encoder's first 4 tokens of its name ("<bos> a red triangle"),
+    as CLIP's image encoder is aligned with its text encoder before IP-Adapter ever uses it. With to_k_ip /
+    to_v_ip starting as copies of to_k / to_v, the adapter then starts out saying the sprite's name, shape
+    included, instead of having to discover shape through the diffusion loss. Only single-sprite references
+    and their names are seen: no scene, box or layout. Returns the final token MSE."""
+    names = [f"a {c} {s}" for c in world.COLOR_NAMES for s in world.SHAPES]  # index: colour * 4 + shape
+    ids = pipe.tokenizer(names, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        targets = pipe.text_encoder(ids)[0][:, :4]
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    params = list(pipe.image_encoder.parameters()) + [projection.image_embeds.weight, projection.norm.weight]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pipe.image_encoder.train()
+    loss = torch.zeros(())
+    for step in tqdm(range(steps), desc="align image encoder", mininterval=2.0, dynamic_ncols=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step / steps, lr)
+        refs, shapes, colors = reference_batch(batch_size, generator, device)
+        tokens = projection(pipe.image_encoder(refs).image_embeds)
+        loss = F.mse_loss(tokens, targets[colors * len(world.SHAPES) + shapes])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
 # --------------------------------------------------------------------------------------------
 # Diffusion objective (zero terminal SNR, clean-image prediction)
 # --------------------------------------------------------------------------------------------
@@ -345,6 +395,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shares of stage-1 scenes with 0, 1 and 2 sprites (sum 1)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
+    p.add_argument("--align-steps", type=int, default=0,
+                   help="before stage 2, align the image encoder to the text encoder's sprite names for N steps "
+                        "(batch 128; starts a fresh adapter, see align_image_encoder)")
     p.add_argument("--lr1", type=float, default=6e-4)
     p.add_argument("--lr2", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -355,7 +408,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--session-steps", type=int, default=None,
                    help="stop this run after N optimizer steps (checkpoint, no export); resume later with --resume")
     args = p.parse_args(argv)
-    for flag in ("stage1_steps", "stage2_steps"):
+    for flag in ("stage1_steps", "stage2_steps", "align_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     for flag in ("frame_fraction", "stage1_frame_fraction", "stage1_fraction"):
@@ -444,8 +497,14 @@ def main(argv=None) -> dict:
         if stage == 2 and state["stage"] == 1:
             # freeze the base (its EMA weights) and attach a fresh adapter
             state["stage"] = 2
-            add_adapter(pipe, args.seed, args.init_from)
+            # an aligned image encoder starts from a fresh adapter (to_k_ip / to_v_ip = to_k / to_v)
+            add_adapter(pipe, args.seed, None if args.align_steps else args.init_from)
             pipe.to(device)
+            if args.align_steps:
+                t_align = time.perf_counter()
+                state["align_loss"] = align_image_encoder(pipe, args.align_steps, 128, generator, device)
+                state["elapsed"][2] += time.perf_counter() - t_align
+                tqdm.write(f"aligned the image encoder: token MSE {state['align_loss']:.4f}", file=sys.stderr)
             resumed_optimizer = resumed_ema = None
         params = stage1_params(pipe) if stage == 1 else stage2_params(pipe)
         for p in pipe.unet.parameters():
@@ -557,6 +616,7 @@ def main(argv=None) -> dict:
     result = {
         "args": vars(args),
         "steps": state["step"],
+        "align_loss": state.get("align_loss"),
         "train_seconds": state["elapsed"],
         "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
