@@ -36,10 +36,11 @@ from .config import ConfigError, RunConfig
 
 # Subcommands that hand all their arguments to a module's own parser (python -m <module> --help).
 DELEGATED = {"train-toy": "anyms_core.toy.train", "evaluate-toy": "anyms_core.toy.evaluate",
-             "sweep": "anyms_core.sweep", "score": "anyms_core.scoring"}
+             "diagnose-toy": "anyms_core.toy.diagnostics", "sweep": "anyms_core.sweep", "score": "anyms_core.scoring"}
 DELEGATED_HELP = {
     "train-toy": "train the toy-world model",
     "evaluate-toy": "evaluate the variants in the toy world",
+    "diagnose-toy": "does a toy model use the shape it is told (by text, by reference image)?",
     "sweep": "generate every (case, variant, seed) of a spec into run folders, resumable, on one or many processes",
     "score": "score a sweep folder: per-image tables, 95%% CIs, Fig. 4-style plots",
 }

@@ -25,9 +25,8 @@ for section in $SECTIONS; do
     processor)
       "$PY" benchmarks/processor_cost.py --device "$DEVICE" --repeats "${REPEATS:-20}" 2>&1 | grep -v -i warn \
           | tee "$OUT/processor_cost.txt" ;;
-    toy)  # optional (not in the default SECTIONS): the toy world's recipe (docs/toy-world-model-card.md), from scratch
+    toy)  # optional (not in the default SECTIONS): the toy world's recipe (the trainer's defaults, docs/toy-world-model-card.md), from scratch
       "$PY" -m anyms_core.toy.train --device "$DEVICE" --minutes "${TOY_MINUTES:-7}" --batch-size "${TOY_BATCH:-512}" \
-          --stage1-counts 0.05 0.8 0.15 --stage1-frame-fraction 0.85 --align-steps 1500 --ema 0.995 \
           --out toy_ckpt > "$OUT/train.log" 2>&1
       echo "train exit code $?"
       tr '\r' '\n' < "$OUT/train.log" | grep -v "it/s]$\|s/it]$" | tail -n 40

@@ -37,3 +37,11 @@ def test_bad_requests_fail_loudly(fresh_pipe):
     with pytest.raises(ValueError, match="IP-Adapter"):
         shape_reliance(base, "image", n=2)
     assert set(shape_reliance(base, "text", n=2, timesteps=(700,))) == {700}
+
+
+def test_the_command_line_parses_and_refuses_bad_counts():
+    from anyms_core.toy import diagnostics
+
+    assert diagnostics.parse_args(["some/weights", "--cases", "8"]).cases == 8
+    with pytest.raises(SystemExit):
+        diagnostics.parse_args(["--cases", "0"])

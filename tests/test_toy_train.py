@@ -55,7 +55,7 @@ def test_sprite_weight_raises_the_loss_on_sprite_cells_only():
 def test_trains_resumes_and_exports(tmp_path):
     out = tmp_path / "run"
     common = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--batch-size", "4", "--size", "32",
-              "--check-images", "0", "--log-every", "1"]
+              "--check-images", "0", "--log-every", "1", "--align-steps", "0"]
     first = train.main(common + ["--session-steps", "4"])
     assert first.get("stopped_early") and (out / "checkpoint.pt").exists()
     state = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -74,7 +74,7 @@ def test_trains_resumes_and_exports(tmp_path):
 def test_init_from_continues_a_trained_model(tmp_path):
     """--init-from starts both stages from a weights folder: with no steps, the export equals its source."""
     source = tmp_path / "source"
-    common = ["--batch-size", "2", "--size", "32", "--check-images", "0", "--log-every", "1"]
+    common = ["--batch-size", "2", "--size", "32", "--check-images", "0", "--log-every", "1", "--align-steps", "0"]
     train.main(["--out", str(source), "--stage1-steps", "1", "--stage2-steps", "1"] + common)
     copy = tmp_path / "copy"
     train.main(["--out", str(copy), "--init-from", str(source / "weights"), "--stage1-steps", "0",
@@ -112,5 +112,5 @@ def test_align_steps_run_before_stage_two(tmp_path):
     assert result["steps"] == {1: 1, 2: 1}
     assert isinstance(result["align_loss"], float) and result["align_loss"] > 0
     plain = train.main(["--out", str(tmp_path / "plain"), "--stage1-steps", "0", "--stage2-steps", "0",
-                        "--batch-size", "2", "--size", "32", "--check-images", "0"])
+                        "--batch-size", "2", "--size", "32", "--check-images", "0", "--align-steps", "0"])
     assert plain["align_loss"] is None

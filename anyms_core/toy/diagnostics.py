@@ -12,7 +12,7 @@ noise (t >= 800), where the image itself no longer shows the shape. `source="tex
 prompt ("a photo of a red triangle on grass", no reference image: the base); `source="image"` by the
 reference image, with a prompt naming only the background (the adapter, at the pipeline's current scale).
 
-    python -m anyms_core.toy.diagnostics [WEIGHTS_DIR]
+    anyms diagnose-toy [WEIGHTS_DIR]        # = python -m anyms_core.toy.diagnostics
 """
 
 from __future__ import annotations
@@ -108,14 +108,23 @@ def shape_reliance(
     return ratios
 
 
-def main(argv=None) -> dict:
-    from .pipeline import DEFAULT_WEIGHTS_DIR, load_toy_pipeline
+def parse_args(argv=None) -> argparse.Namespace:
+    from .pipeline import DEFAULT_WEIGHTS_DIR
 
     p = argparse.ArgumentParser(prog="python -m anyms_core.toy.diagnostics", description=__doc__.split("\n\n")[0])
-    p.add_argument("weights", nargs="?", default=str(DEFAULT_WEIGHTS_DIR))
-    p.add_argument("--cases", type=int, default=48)
+    p.add_argument("weights", nargs="?", default=str(DEFAULT_WEIGHTS_DIR), help="toy weights folder (default: the shipped ones)")
+    p.add_argument("--cases", type=int, default=48, help="one-sprite scenes per measurement")
     p.add_argument("--ip-adapter-scale", type=float, default=None, help="default: the weights' sampling.json")
     args = p.parse_args(argv)
+    if args.cases < 1:
+        p.error(f"--cases must be >= 1, got {args.cases}")
+    return args
+
+
+def main(argv=None) -> dict:
+    from .pipeline import load_toy_pipeline
+
+    args = parse_args(argv)
     torch.set_num_threads(1)
     pipe = load_toy_pipeline(args.weights)
     if args.ip_adapter_scale is not None:

@@ -3,6 +3,11 @@
 Stage 1 (text-to-image base): UNet + text encoder on scenes with 0-2 sprites whose prompt names every
 sprite ("a photo of a red triangle and a cyan circle on grass"; an empty scene's prompt names only the
 background). So the base knows the sprites by name, as SDXL knows objects, but no text ever says where.
+Most one-sprite scenes are object-centric (`--stage1-frame-fraction`): without them the base never learnt
+to draw the shape a word names (see diagnostics.py).
+
+Alignment (`--align-steps`, before stage 2): the image encoder and the image projection learn to turn a
+sprite reference into the text encoder's tokens of its name, as CLIP's image encoder is aligned with text.
 
 Stage 2 (image adapter): the base is frozen; the image encoder, the image projection and every
 cross-attention layer's to_k_ip / to_v_ip (diffusers' stock IP-Adapter modules, loaded through
@@ -387,20 +392,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage1-fraction", type=float, default=0.4, help="share of the training time for stage 1")
     p.add_argument("--stage1-steps", type=int, default=None, help="fixed step count for stage 1 (overrides time)")
     p.add_argument("--stage2-steps", type=int, default=None, help="fixed step count for stage 2 (overrides time)")
-    p.add_argument("--frame-fraction", type=float, default=0.5,
+    p.add_argument("--frame-fraction", type=float, default=0.6,
                    help="share of stage-2 scenes whose sprite is inscribed in the whole frame")
-    p.add_argument("--stage1-frame-fraction", type=float, default=0.0,
+    p.add_argument("--stage1-frame-fraction", type=float, default=0.85,
                    help="share of stage-1 one-sprite scenes whose sprite is inscribed in the whole frame")
-    p.add_argument("--stage1-counts", type=float, nargs=3, default=list(STAGE1_COUNTS), metavar=("P0", "P1", "P2"),
+    p.add_argument("--stage1-counts", type=float, nargs=3, default=[0.05, 0.8, 0.15], metavar=("P0", "P1", "P2"),
                    help="shares of stage-1 scenes with 0, 1 and 2 sprites (sum 1)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
-    p.add_argument("--align-steps", type=int, default=0,
+    p.add_argument("--align-steps", type=int, default=2000,
                    help="before stage 2, align the image encoder to the text encoder's sprite names for N steps "
                         "(batch 128; starts a fresh adapter, see align_image_encoder)")
     p.add_argument("--lr1", type=float, default=6e-4)
-    p.add_argument("--lr2", type=float, default=1e-3)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--lr2", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--check-images", type=int, default=12, help="images per quick check at each checkpoint")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on shared cores)")
