@@ -358,7 +358,7 @@ def card_figures(pipe, out_dir: str | Path, train_dir: str | Path | None = None,
                 ax.plot([int(x["step"]) for x in r], [float(x["loss"]) for x in r],
                         label=f"stage {stage}: " + ("base (UNet + text encoder)" if stage == "1" else "IP-Adapter (base frozen)"))
         ax.set_xlabel("optimizer step (within the stage)")
-        ax.set_ylabel("v-prediction MSE")
+        ax.set_ylabel("weighted clean-image MSE")
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
