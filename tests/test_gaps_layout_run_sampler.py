@@ -1396,6 +1396,12 @@ def _overlap_case(priorities, boxes=None):
                       boxes=boxes, seed=0, priorities=priorities)
 
 
+def _overlap_region(case) -> np.ndarray:
+    """The pixels (20 x 20) where both squares of a two-subject `_overlap_case` cover at least half."""
+    region = world.sprite_alpha(torch.tensor([[0, 0]]), torch.tensor([case.boxes]), 20, 20)[0].numpy() >= 0.5
+    return region[0] & region[1]
+
+
 def test_overlap_ownership_on_hand_painted_overlaps():
     region = (slice(8, 12), slice(8, 12))  # both 20x20 squares cover pixels 8..11 at 20 px
     case = _overlap_case([1, 0])
@@ -1442,8 +1448,7 @@ def test_overlap_ownership_on_hand_painted_overlaps():
     assert [(r["top"], r["bottom"]) for r in results] == [(0, 2), (2, 1)]
     # shares are rounded to 4 digits; OWN_MIN_SHARE is inclusive
     nine = _overlap_case([1, 0], [[0.0, 0.0, 0.55, 0.55], [0.4, 0.4, 1.0, 1.0]])
-    region = world.sprite_alpha(torch.tensor([[0, 0]]), torch.tensor([nine.boxes]), 20, 20)[0].numpy() >= 0.5
-    region = region[0] & region[1]
+    region = _overlap_region(nine)
     assert region.sum() == 9
     painted = canvas(20)
     ys, xs = np.nonzero(region)
@@ -1452,8 +1457,7 @@ def test_overlap_ownership_on_hand_painted_overlaps():
     (result,) = metrics.overlap_ownership(painted, nine, subjects)
     assert result["top_share"] == 0.1111 and result["bottom_share"] == 0.1111
     twenty = _overlap_case([1, 0], [[0.0, 0.0, 0.6, 0.6], [0.4, 0.35, 1.0, 0.95]])
-    region = world.sprite_alpha(torch.tensor([[0, 0]]), torch.tensor([twenty.boxes]), 20, 20)[0].numpy() >= 0.5
-    region = region[0] & region[1]
+    region = _overlap_region(twenty)
     assert region.sum() == 20
     painted = canvas(20)
     ys, xs = np.nonzero(region)

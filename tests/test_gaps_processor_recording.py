@@ -579,13 +579,19 @@ def test_per_subject_scales_from_set_ip_adapter_scale():
     assert not torch.equal(_call(AnyMSAttnProcessor(stock, "l", _state("none", BOXES)), attn, hidden, text, [images]), off)
 
 
+def _branch_inputs(batch: int, seed: int):
+    """Zero hidden states, random query / two subjects' keys and values, and the anyms level of BOXES."""
+    query = _randn(batch, HEADS, HEIGHT * WIDTH, HEAD_DIM, seed=seed)
+    keys = _randn(batch, HEADS, 2 * TOKENS, HEAD_DIM, seed=seed + 1)
+    values = _randn(batch, HEADS, 2 * TOKENS, HEAD_DIM, seed=seed + 2)
+    hidden = torch.zeros(batch, HEIGHT * WIDTH, CHANNELS)
+    return hidden, query, keys, values, _state("anyms", BOXES).levels[HEIGHT * WIDTH]
+
+
 def test_image_branches_skip_the_contribution_without_a_row_and_joint_takes_one_scale():
     from anyms_core.processor import IMAGE_BRANCHES
 
-    query = _randn(2, HEADS, HEIGHT * WIDTH, HEAD_DIM, seed=85)
-    keys, values = _randn(2, HEADS, 2 * TOKENS, HEAD_DIM, seed=86), _randn(2, HEADS, 2 * TOKENS, HEAD_DIM, seed=87)
-    hidden = torch.zeros(2, HEIGHT * WIDTH, CHANNELS)
-    level = _state("anyms", BOXES).levels[HEIGHT * WIDTH]
+    hidden, query, keys, values, level = _branch_inputs(2, seed=85)
     for variant in ("anyms", "mask", "none", "joint"):
         out, contribution = IMAGE_BRANCHES[variant](hidden, query, keys, values, [0.7, 0.7], level, None)
         assert contribution is None and out.shape == hidden.shape
@@ -624,10 +630,7 @@ def test_image_branches_skip_the_contribution_without_a_row_and_joint_takes_one_
 def test_image_branches_scale_linearly():
     from anyms_core.processor import IMAGE_BRANCHES
 
-    query = _randn(1, HEADS, HEIGHT * WIDTH, HEAD_DIM, seed=91)
-    keys, values = _randn(1, HEADS, 2 * TOKENS, HEAD_DIM, seed=92), _randn(1, HEADS, 2 * TOKENS, HEAD_DIM, seed=93)
-    hidden = torch.zeros(1, HEIGHT * WIDTH, CHANNELS)
-    level = _state("anyms", BOXES).levels[HEIGHT * WIDTH]
+    hidden, query, keys, values, level = _branch_inputs(1, seed=91)
     for variant in ("anyms", "mask", "none", "joint"):
         unit, _ = IMAGE_BRANCHES[variant](hidden, query, keys, values, [1.0, 1.0], level, None)
         assert unit.abs().amax() > 0.1

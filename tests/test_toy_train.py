@@ -10,7 +10,7 @@ from anyms_core.toy.pipeline import fold, load_toy_pipeline
 
 def test_batches_are_well_formed():
     g = torch.Generator().manual_seed(0)
-    images, prompts, coverage = train.stage1_batch(16, 64, g, "cpu")
+    images, prompts, coverage = train.stage1_batch(16, 64, g, "cpu", counts=(0.25, 0.45, 0.30))
     assert images.shape == (16, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
     assert coverage.shape == (16, 64, 64) and coverage.min() >= 0 and coverage.max() <= 1
     empty = [i for i, p in enumerate(prompts) if p and not set(p.split()) & set(world.SHAPES)]

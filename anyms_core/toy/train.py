@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import world
+from .diagnostics import shape_reliance
 from .pipeline import (
     LATENT_CHANNELS,
     ToyWorldPipeline,
@@ -86,7 +87,7 @@ def _randint(high: int, shape, generator, device) -> torch.Tensor:
     return torch.randint(0, high, shape, generator=generator, device=device)
 
 
-STAGE1_COUNTS = (0.25, 0.45, 0.30)  # shares of stage-1 scenes with 0, 1 and 2 sprites
+STAGE1_COUNTS = (0.05, 0.8, 0.15)  # shares of stage-1 scenes with 0, 1 and 2 sprites (run 1 used 0.25/0.45/0.30)
 
 
 def stage1_batch(
@@ -94,7 +95,7 @@ def stage1_batch(
     counts: tuple[float, float, float] = STAGE1_COUNTS,
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Base-model scenes [n, 3, H, W] in [-1, 1], their prompts and sprite coverage [n, H, W]: 0, 1 or 2
-    sprites (`counts`, default 25/45/30%), every sprite named in the prompt ("a photo of a red circle and a lime cross on
+    sprites (shares `counts`), every sprite named in the prompt ("a photo of a red circle and a lime cross on
     grass"); an empty scene's prompt names the background only. So the base knows the 20 sprites by name
     (as SDXL knows objects), never draws one the prompt does not name, and no text ever says where or how
     big. `frame_fraction` of the one-sprite scenes are object-centric (the sprite inscribed in the whole
@@ -154,14 +155,7 @@ def stage2_batch(
     w, h = boxes[:, 0, 2] - boxes[:, 0, 0], boxes[:, 0, 3] - boxes[:, 0, 1]
     keep_aspect = torch.rand(n, generator=generator, device=device) < 0.5
     aspect = torch.where(keep_aspect, (w / h).clamp(0.6, 1.6), torch.ones_like(w))
-    rw, rh = fill * aspect.sqrt().clamp(max=1 / fill), fill / aspect.sqrt().clamp(min=fill)
-    rw, rh = rw.clamp(max=0.95), rh.clamp(max=0.95)
-    cx = 0.5 + (1 - rw) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
-    cy = 0.5 + (1 - rh) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
-    ref_boxes = torch.stack([cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2], dim=-1).view(n, 1, 4)
-    refs = world.render_batch(ref_backgrounds, shapes, colors, ref_boxes, present, 32, 32, generator)
-    refs = torch.round(refs * 255) / 255  # what a PIL reference holds
-    refs = (refs - 0.5) / 0.5  # CLIPImageProcessor(image_mean=0.5, image_std=0.5)
+    refs = _render_references(ref_backgrounds, shapes, colors, fill, aspect, generator, device)
 
     prompts = 1 + backgrounds * len(EMPTY_T) + _randint(len(EMPTY_T), (n,), generator, device)
     r = torch.rand(n, generator=generator, device=device)
@@ -169,6 +163,20 @@ def stage2_batch(
     drop_text = (r >= 0.05) & (r < 0.15)  # 5% both dropped, 5% text only
     prompts = torch.where(drop_text, torch.zeros_like(prompts), prompts)
     return images * 2 - 1, prompts, refs, ~drop_image
+
+
+def _render_references(backgrounds, shapes, colors, fill, aspect, generator, device) -> torch.Tensor:
+    """[n, 3, 32, 32] references of one sprite each (shapes, colors [n, 1]): its box fills `fill` of the
+    frame at aspect ratio `aspect`, jittered about the centre; normalized as the feature extractor does."""
+    n = backgrounds.shape[0]
+    rw, rh = (fill * aspect.sqrt()).clamp(max=0.95), (fill / aspect.sqrt()).clamp(max=0.95)
+    cx = 0.5 + (1 - rw) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
+    cy = 0.5 + (1 - rh) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
+    boxes = torch.stack([cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2], dim=-1).view(n, 1, 4)
+    present = torch.ones(n, 1, dtype=torch.bool, device=device)
+    refs = world.render_batch(backgrounds, shapes, colors, boxes, present, 32, 32, generator)
+    refs = torch.round(refs * 255) / 255  # what a PIL reference holds
+    return (refs - 0.5) / 0.5  # CLIPImageProcessor(image_mean=0.5, image_std=0.5)
 
 
 def reference_batch(n: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,13 +187,7 @@ def reference_batch(n: int, generator: torch.Generator, device) -> tuple[torch.T
     colors = _randint(len(world.COLOR_NAMES), (n, 1), generator, device)
     fill = 0.5 + 0.4 * torch.rand(n, generator=generator, device=device)
     aspect = torch.exp(math.log(0.6) + (math.log(1.6) - math.log(0.6)) * torch.rand(n, generator=generator, device=device))
-    rw, rh = (fill * aspect.sqrt()).clamp(max=0.95), (fill / aspect.sqrt()).clamp(max=0.95)
-    cx = 0.5 + (1 - rw) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
-    cy = 0.5 + (1 - rh) / 2 * 0.6 * (2 * torch.rand(n, generator=generator, device=device) - 1)
-    boxes = torch.stack([cx - rw / 2, cy - rh / 2, cx + rw / 2, cy + rh / 2], dim=-1).view(n, 1, 4)
-    present = torch.ones(n, 1, dtype=torch.bool, device=device)
-    refs = world.render_batch(backgrounds, shapes, colors, boxes, present, 32, 32, generator)
-    refs = (torch.round(refs * 255) / 255 - 0.5) / 0.5  # what a PIL reference holds, then CLIPImageProcessor
+    refs = _render_references(backgrounds, shapes, colors, fill, aspect, generator, device)
     return refs, shapes[:, 0], colors[:, 0]
 
 
@@ -356,8 +358,6 @@ def quick_check(pipe: ToyWorldPipeline, stage: int, n: int, seed: int) -> tuple[
     summary = {k: round(sum(v) / len(v), 3) for k, v in rows.items() if v}
     # Is the shape learned at all? Error with a wrong shape / with the right one, framed sprites at t=900
     # (1.0 = shape ignored; see diagnostics.py). Stage 1 tells the shape by the prompt, stage 2 by the reference.
-    from .diagnostics import shape_reliance
-
     ratio = shape_reliance(pipe, "text" if stage == 1 else "image", n=16, timesteps=(900,), seed=seed)[900]
     summary["shape_reliance"] = ratio
     return summary, images
@@ -396,7 +396,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of stage-2 scenes whose sprite is inscribed in the whole frame")
     p.add_argument("--stage1-frame-fraction", type=float, default=0.85,
                    help="share of stage-1 one-sprite scenes whose sprite is inscribed in the whole frame")
-    p.add_argument("--stage1-counts", type=float, nargs=3, default=[0.05, 0.8, 0.15], metavar=("P0", "P1", "P2"),
+    p.add_argument("--stage1-counts", type=float, nargs=3, default=list(STAGE1_COUNTS), metavar=("P0", "P1", "P2"),
                    help="shares of stage-1 scenes with 0, 1 and 2 sprites (sum 1)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
