@@ -88,11 +88,13 @@ def _randint(high: int, shape, generator, device) -> torch.Tensor:
 
 
 STAGE1_COUNTS = (0.05, 0.8, 0.15)  # shares of stage-1 scenes with 0, 1 and 2 sprites (run 1 used 0.25/0.45/0.30)
+STAGE1_SIDES = (0.15, 0.85)  # range of a placed card's box side (fraction of the image side), stage 1
+STAGE2_SIDES = (0.12, 0.9)  # the same, stage 2
 
 
 def stage1_batch(
     n: int, size: int, generator: torch.Generator, device, frame_fraction: float = 0.0,
-    counts: tuple[float, float, float] = STAGE1_COUNTS,
+    counts: tuple[float, float, float] = STAGE1_COUNTS, sides: tuple[float, float] = STAGE1_SIDES,
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Base-model scenes [n, 3, H, W] in [-1, 1], their prompts and sprite coverage [n, H, W]: 0, 1 or 2
     sprites (shares `counts`), every sprite named in the prompt ("a photo of a red circle and a lime cross on
@@ -108,7 +110,7 @@ def stage1_batch(
     present = torch.arange(k, device=device).view(1, k) < count.view(n, 1)
     shapes = _randint(len(world.SHAPES), (n, k), generator, device)
     colors = _randint(len(world.COLOR_NAMES), (n, k), generator, device)
-    boxes = random_boxes(n, k, 0.15, 0.85, generator, device)
+    boxes = random_boxes(n, k, *sides, generator, device)
     margins = 0.08 * torch.rand(n, 4, generator=generator, device=device)
     framed = torch.cat([margins[:, :2], 1 - margins[:, 2:]], dim=-1)
     use_frame = (count == 1) & (torch.rand(n, generator=generator, device=device) < frame_fraction)
@@ -128,7 +130,8 @@ def stage1_batch(
 
 
 def stage2_batch(
-    n: int, size: int, generator: torch.Generator, device, frame_fraction: float = 0.5
+    n: int, size: int, generator: torch.Generator, device, frame_fraction: float = 0.5,
+    sides: tuple[float, float] = STAGE2_SIDES,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Single-sprite scenes [n, 3, H, W] in [-1, 1], prompt indices [n], reference pixel values
     [n, 3, 32, 32] (normalized as the feature extractor does) and a keep-image mask [n]."""
@@ -138,7 +141,7 @@ def stage2_batch(
     # Sizes vary widely, and a share of the scenes are object-centric (the sprite inscribed in the whole
     # frame, as in the photos real adapters learn from): with tokens everywhere, the sprite spans the
     # region that receives them. AnyMS later gives the tokens to a box only, and the sprite spans the box.
-    boxes = random_boxes(n, 1, 0.12, 0.9, generator, device)
+    boxes = random_boxes(n, 1, *sides, generator, device)
     margins = 0.08 * torch.rand(n, 1, 4, generator=generator, device=device)
     framed = torch.cat([margins[..., :2], 1 - margins[..., 2:]], dim=-1)
     use_frame = torch.rand(n, 1, 1, generator=generator, device=device) < frame_fraction
@@ -398,6 +401,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of stage-1 one-sprite scenes whose sprite is inscribed in the whole frame")
     p.add_argument("--stage1-counts", type=float, nargs=3, default=list(STAGE1_COUNTS), metavar=("P0", "P1", "P2"),
                    help="shares of stage-1 scenes with 0, 1 and 2 sprites (sum 1)")
+    p.add_argument("--stage1-sides", type=float, nargs=2, default=list(STAGE1_SIDES), metavar=("LO", "HI"),
+                   help="range of a placed card's box side in stage 1 (fraction of the image side)")
+    p.add_argument("--stage2-sides", type=float, nargs=2, default=list(STAGE2_SIDES), metavar=("LO", "HI"),
+                   help="range of a placed card's box side in stage 2 (fraction of the image side)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
     p.add_argument("--align-steps", type=int, default=2000,
@@ -421,6 +428,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     if min(args.stage1_counts) < 0 or abs(sum(args.stage1_counts) - 1) > 1e-6:
         p.error(f"--stage1-counts must be 3 shares >= 0 that sum to 1, got {args.stage1_counts}")
+    for flag in ("stage1_sides", "stage2_sides"):
+        lo, hi = getattr(args, flag)
+        if not 0 < lo <= hi <= 1:
+            p.error(f"--{flag.replace('_', '-')} must be 0 < LO <= HI <= 1, got {lo} {hi}")
     if args.sprite_weight < 0:
         p.error(f"--sprite-weight must be >= 0, got {args.sprite_weight}")
     if args.init_from is not None and not (Path(args.init_from) / "unet" / "config.json").exists():
@@ -558,14 +569,16 @@ def main(argv=None) -> dict:
                 group["lr"] = lr
             if stage == 1:
                 images, prompts, coverage = stage1_batch(
-                    args.batch_size, args.size, generator, device, args.stage1_frame_fraction, tuple(args.stage1_counts))
+                    args.batch_size, args.size, generator, device, args.stage1_frame_fraction, tuple(args.stage1_counts),
+                    tuple(args.stage1_sides))
                 ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                      truncation=True, return_tensors="pt").input_ids.to(device)
                 text_embeds = pipe.text_encoder(ids)[0]
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator,
                               sprite_coverage=coverage, sprite_weight=args.sprite_weight)
             else:
-                images, prompts, refs, keep = stage2_batch(args.batch_size, args.size, generator, device, args.frame_fraction)
+                images, prompts, refs, keep = stage2_batch(args.batch_size, args.size, generator, device, args.frame_fraction,
+                                                           tuple(args.stage2_sides))
                 with torch.no_grad():
                     text_embeds = pipe.text_encoder(tokens[prompts])[0]
                 image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
