@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from anyms_core.toy import train, world
@@ -31,7 +32,7 @@ def test_stage1_framing_puts_one_sprite_scenes_in_the_whole_frame():
     images, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=1.0)
     one = [i for i, p in enumerate(prompts) if p and len(set(p.split()) & set(world.SHAPES)) == 1 and " and " not in p]
     assert one
-    for i in one:  # the inscribed square's side is >= 84% of the image (margins <= 8% each)
+    for i in one:  # the card's side is >= 84% of the image (margins <= 8% each)
         rows = (coverage[i] > 0.5).any(dim=1).nonzero()
         cols = (coverage[i] > 0.5).any(dim=0).nonzero()
         assert max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) >= 0.84 * 64 - 2
@@ -50,6 +51,35 @@ def test_sprite_weight_raises_the_loss_on_sprite_cells_only():
                   for cov, w in ((None, 0.0), (coverage, 0.0), (torch.zeros_like(coverage), 5.0), (coverage, 5.0))]
     assert losses[0] == losses[1] == losses[2]  # no weight, or no sprite: the plain loss
     assert losses[3] > losses[0]
+
+
+def test_card_sides_follow_the_requested_range():
+    g = torch.Generator().manual_seed(4)
+    _, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=0.0, counts=(0.0, 1.0, 0.0), sides=(0.2, 0.3))
+    for cov in coverage:  # box side 0.2-0.3 at aspect ratio 0.6-1.6: each side between 0.2 * sqrt(0.6) and 0.3 * sqrt(1.6)
+        rows, cols = (cov > 0.5).any(dim=1).nonzero(), (cov > 0.5).any(dim=0).nonzero()
+        for extent in (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1):
+            assert 0.2 * 0.6 ** 0.5 * 64 - 1 <= extent <= 0.3 * 1.6 ** 0.5 * 64 + 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--stage2-sides", "0.5", "0.2"])
+
+
+def test_high_noise_share_draws_timesteps_from_the_noisy_end():
+    draws = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x_t, t, **kwargs):
+            draws.setdefault(share, []).append(t)
+            return (torch.zeros_like(x_t),)
+
+    images = torch.zeros(256, 3, 16, 16)
+    alphas = torch.linspace(0.999, 0.0, 1000)
+    for share in (0.0, 1.0, 0.5):
+        train.v_loss(Recorder(), images, None, alphas, torch.Generator().manual_seed(0), high_noise_share=share)
+    assert draws[1.0][0].min() >= train.HIGH_NOISE_FROM and draws[0.0][0].min() < train.HIGH_NOISE_FROM
+    assert 0.6 < (draws[0.5][0] >= train.HIGH_NOISE_FROM).float().mean() < 0.9  # half, plus the uniform draws' 40%
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--high-noise-share", "1.5"])
 
 
 def test_trains_resumes_and_exports(tmp_path):

@@ -236,16 +236,26 @@ def training_alphas_cumprod(scheduler) -> torch.Tensor:
     return DDPMScheduler.from_config(scheduler.config).alphas_cumprod.clone()
 
 
+HIGH_NOISE_FROM = 600  # --high-noise-share draws that share of timesteps from [HIGH_NOISE_FROM, T)
+
+
 def v_loss(
-    unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None, sprite_coverage=None, sprite_weight=0.0
+    unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None, sprite_coverage=None, sprite_weight=0.0,
+    high_noise_share: float = 0.0,
 ) -> torch.Tensor:
     """Clean-image (x0) prediction loss, weighted 1 + min(SNR, 4): the weight grows towards low noise,
     where edges and shapes are decided, but never lets the near-clean steps dominate. With
     `sprite_coverage` [n, H, W], latent cells are further weighted 1 + sprite_weight * (sprite share of
-    the cell), so that the few sprite cells are not outweighed by the textured backgrounds."""
+    the cell), so that the few sprite cells are not outweighed by the textured backgrounds.
+    `high_noise_share` of the timesteps are drawn from [HIGH_NOISE_FROM, T) instead of [0, T): where a
+    card has just appeared in the noisy image and its emblem must be placed relative to it."""
     x0 = fold(images)
     n = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator, device=x0.device)
+    steps = alphas_cumprod.shape[0]
+    t = torch.randint(0, steps, (n,), generator=generator, device=x0.device)
+    if high_noise_share > 0:
+        high = torch.randint(HIGH_NOISE_FROM, steps, (n,), generator=generator, device=x0.device)
+        t = torch.where(torch.rand(n, generator=generator, device=x0.device) < high_noise_share, high, t)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     alpha = alphas_cumprod[t].view(n, 1, 1, 1)
     x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
@@ -405,6 +415,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="range of a placed card's box side in stage 1 (fraction of the image side)")
     p.add_argument("--stage2-sides", type=float, nargs=2, default=list(STAGE2_SIDES), metavar=("LO", "HI"),
                    help="range of a placed card's box side in stage 2 (fraction of the image side)")
+    p.add_argument("--high-noise-share", type=float, default=0.0,
+                   help=f"share of training timesteps drawn from [{HIGH_NOISE_FROM}, 1000) instead of [0, 1000) (both stages)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
     p.add_argument("--align-steps", type=int, default=2000,
@@ -423,7 +435,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("stage1_steps", "stage2_steps", "align_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    for flag in ("frame_fraction", "stage1_frame_fraction", "stage1_fraction"):
+    for flag in ("frame_fraction", "stage1_frame_fraction", "stage1_fraction", "high_noise_share"):
         if not 0 <= getattr(args, flag) <= 1:
             p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     if min(args.stage1_counts) < 0 or abs(sum(args.stage1_counts) - 1) > 1e-6:
@@ -575,7 +587,8 @@ def main(argv=None) -> dict:
                                      truncation=True, return_tensors="pt").input_ids.to(device)
                 text_embeds = pipe.text_encoder(ids)[0]
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator,
-                              sprite_coverage=coverage, sprite_weight=args.sprite_weight)
+                              sprite_coverage=coverage, sprite_weight=args.sprite_weight,
+                              high_noise_share=args.high_noise_share)
             else:
                 images, prompts, refs, keep = stage2_batch(args.batch_size, args.size, generator, device, args.frame_fraction,
                                                            tuple(args.stage2_sides))
@@ -583,7 +596,8 @@ def main(argv=None) -> dict:
                     text_embeds = pipe.text_encoder(tokens[prompts])[0]
                 image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
                 added = {"image_embeds": [image_embeds.unsqueeze(1)]}  # [B, 1 image, dim], one adapter
-                loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator, added)
+                loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator, added,
+                              high_noise_share=args.high_noise_share)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
