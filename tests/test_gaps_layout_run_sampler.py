@@ -1129,36 +1129,9 @@ def paint(array, mask_or_slice, color):
     return array
 
 
-WHITE = world.EMBLEM_RGB
-
-
-def paint_rows(array, rows, color, y0=0, x0=0):
-    """Paint `color` where a row string has '#', its top-left corner at (y0, x0)."""
-    for y, row in enumerate(rows):
-        for x, c in enumerate(row):
-            if c == "#":
-                array[y0 + y, x0 + x] = world.COLORS[color]
-    return array
-
-
-def paint_card(array, color, shape, box):
-    """A card painted hard-edged (the renderer anti-aliases): its colour on every pixel its box covers at
-    least half of, then white on every pixel its emblem covers at least half of. -> (card, emblem) masks."""
-    h, w = array.shape[:2]
-    boxes = torch.tensor([[box]], dtype=torch.float32)
-    card = world.card_alpha(boxes, h, w)[0, 0].numpy() >= 0.5
-    emblem = world.emblem_alpha(torch.tensor([[world.SHAPES.index(shape)]]), boxes, h, w)[0, 0].numpy() >= 0.5
-    array[card] = world.COLORS[color]
-    array[emblem] = WHITE
-    return card, emblem
-
-
-def _mask(rows):
-    return np.array([[c == "#" for c in row] for row in rows])
-
-
-def _component_sets(rows, diagonal=True):
-    return sorted(sorted(map(tuple, pixels_.tolist())) for pixels_ in metrics._components(_mask(rows), diagonal))
+def _component_sets(rows):
+    mask = np.array([[c == "#" for c in row] for row in rows])
+    return sorted(sorted(map(tuple, pixels_.tolist())) for pixels_ in metrics._components(mask))
 
 
 def test_components_are_8_connected_in_every_direction_up_to_the_borders():
@@ -1176,39 +1149,6 @@ def test_components_are_8_connected_in_every_direction_up_to_the_borders():
     assert _component_sets(["..."]) == []
 
 
-def test_components_with_4_connectivity_and_their_labels():
-    assert _component_sets(["#..", ".#.", "..#"], diagonal=False) == [[(0, 0)], [(1, 1)], [(2, 2)]]
-    assert _component_sets([".#", "#."], diagonal=False) == [[(0, 1)], [(1, 0)]]
-    assert _component_sets(["##.", ".##", "..#"], diagonal=False) == [[(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)]]
-    assert _component_sets(["#.#", "###"], diagonal=False) == [[(0, 0), (0, 2), (1, 0), (1, 1), (1, 2)]]
-    assert _component_sets(["..."], diagonal=False) == []
-    # labels: 0 off the mask, one positive label shared by each component's pixels
-    mask = _mask(["#.#", "..#", "#.."])
-    labels = metrics._label(mask)
-    assert labels.shape == (3, 3) and (labels[~mask] == 0).all() and (labels[mask] > 0).all()
-    assert labels[0, 2] == labels[1, 2] and len({labels[0, 0], labels[0, 2], labels[2, 0]}) == 3
-    eight, four = metrics._label(_mask(["#.", ".#"])), metrics._label(_mask(["#.", ".#"]), diagonal=False)
-    assert eight[0, 0] == eight[1, 1] > 0 and four[0, 0] != four[1, 1] and min(four[0, 0], four[1, 1]) > 0
-
-
-def test_enclosed_finds_the_holes_of_a_mask():
-    """A hole is background that no 4-connected path of background links to the border: a diagonal
-    (8-connected) ring still encloses, a one-pixel gap in a side does not."""
-    def holes(rows):
-        enclosed = metrics.enclosed(_mask(rows))
-        assert enclosed.dtype == bool and enclosed.shape == _mask(rows).shape
-        return [tuple(p) for p in np.argwhere(enclosed).tolist()]
-
-    assert holes(["###", "#.#", "###"]) == [(1, 1)]
-    assert holes([".#.", "#.#", ".#."]) == [(1, 1)]  # a diagonal ring
-    assert holes(["###", "#..", "###"]) == []  # open to the right
-    assert holes(["#.#", "###"]) == []  # on the image border
-    assert holes(["#####", "#.#.#", "#####"]) == [(1, 1), (1, 3)]
-    ring_in_a_hole = ["#####", "#...#", "#.#.#", "#...#", "#####"]
-    assert holes(ring_in_a_hole) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2), (3, 3)]  # not the mask
-    assert holes(["....", ".##.", "...."]) == [] and holes(["##", "##"]) == [] and holes(["..", ".."]) == []
-
-
 def test_color_mask_radius():
     array = canvas(4)
     red = np.asarray(world.COLORS["red"], dtype=np.float32)
@@ -1221,23 +1161,19 @@ def test_color_mask_radius():
 
 def test_find_blobs_measures_real_blobs_largest_first():
     array = canvas()
-    paint(array, (slice(8, 16), slice(4, 12)), "red")  # 8x8 card without an emblem
-    paint(array, (slice(20, 30), slice(18, 28)), "red")  # 10x10 card ...
-    array[23:27, 21:25] = WHITE  # ... with a white 4x4 square emblem inside
+    paint(array, (slice(8, 16), slice(4, 12)), "red")  # 8x8 square
+    paint(array, (slice(20, 30), slice(18, 28)), "red")  # 10x10 square
     paint(array, (slice(0, 2), slice(28, 30)), "red")  # 2x2: too small
     blobs = metrics.find_blobs(array, "red")
-    assert [b.area for b in blobs] == [84, 64]  # the emblem is not card colour
+    assert [b.area for b in blobs] == [100, 64]
     big, small = blobs
     assert big.box == [18 / 32, 20 / 32, 28 / 32, 30 / 32] and small.box == [4 / 32, 8 / 32, 12 / 32, 16 / 32]
-    assert big.fill == 1.0 and big.color == "red" and big.shape == "square"
-    assert math.isclose(big.shape_score, 1.0, abs_tol=1e-6)  # a white 4x4 square is exactly the 4x4 template
-    assert big.emblem_box == [21 / 32, 23 / 32, 25 / 32, 27 / 32]
-    assert (small.fill, small.shape, small.shape_score, small.emblem_box) == (1.0, None, 0.0, None)  # no emblem
+    assert small.fill == 1.0 and small.shape == "square" and small.color == "red" and small.shape_score == 1.0
     assert metrics.find_blobs(array, "cyan") == []
     # the same from a PIL image and a [3, H, W] tensor
     as_pil = Image.fromarray((array * 255).round().astype(np.uint8))
-    assert [(b.box, b.shape) for b in metrics.find_blobs(as_pil, "red")] == [(big.box, "square"), (small.box, None)]
-    assert [b.area for b in metrics.find_blobs(torch.from_numpy(array).permute(2, 0, 1), "red")] == [84, 64]
+    assert [b.box for b in metrics.find_blobs(as_pil, "red")] == [big.box, small.box]
+    assert [b.area for b in metrics.find_blobs(torch.from_numpy(array).permute(2, 0, 1), "red")] == [100, 64]
 
 
 def test_find_blobs_thresholds_and_8_connectivity():
@@ -1254,27 +1190,19 @@ def test_find_blobs_thresholds_and_8_connectivity():
     assert metrics.find_blobs(thin, "lime") == []
     thin3 = paint(canvas(), (slice(2, 5), slice(2, 12)), "lime")
     assert len(metrics.find_blobs(thin3, "lime")) == 1
-    # fill (MIN_FILL = 0.4): the card (with what it encloses) covers at least 0.4 of its bounding box; exactly
-    # 0.4 is enough (8 of the 20 pixels of a 4x5 box, no hole), 0.35 is not
-    assert metrics.MIN_FILL == 0.4
-    sparse = paint_rows(canvas(), ["#####", "#....", "#....", "###.."], "cyan", 5, 5)  # 10 of 20
+    # fill: exactly 0.35 is enough, below is not (a 4x5 box)
+    sparse = canvas()
+    cells = [(0, 0), (1, 1), (2, 2), (3, 3), (3, 4), (2, 4), (0, 1)]  # 7 pixels in a 4x5 box, 8-connected
+    for y, x in cells:
+        paint(sparse, (y + 5, x + 5), "cyan")
     found = metrics.find_blobs(sparse, "cyan")
-    assert len(found) == 1 and found[0].fill == 0.5 and found[0].area == 10 and found[0].shape is None
-    assert found[0].box == [5 / 32, 5 / 32, 10 / 32, 9 / 32]
-    sparse[8, 7] = BLACK  # 9 of 20 = 0.45 in the same box
-    assert [(b.area, b.fill) for b in metrics.find_blobs(sparse, "cyan")] == [(9, 0.45)]
-    sparse[8, 6] = BLACK  # 8 of 20 = 0.4 (the box is unchanged: row 8 keeps its first pixel)
-    found = metrics.find_blobs(sparse, "cyan")
-    assert [(b.area, b.fill, b.box) for b in found] == [(8, 0.4, [5 / 32, 5 / 32, 10 / 32, 9 / 32])]
-    vee = ["#...#", ".#.#.", "..#..", ".###."]  # 8 of 20 (a 4x5 box), 8-connected, encloses nothing
-    assert [(b.area, b.fill) for b in metrics.find_blobs(paint_rows(canvas(), vee, "cyan", 5, 5), "cyan")] == [(8, 0.4)]
-    vee[3] = "..##."  # 7 of 20 = 0.35 in the same box
-    assert metrics.find_blobs(paint_rows(canvas(), vee, "cyan", 5, 5), "cyan") == []
+    assert len(found) == 1 and found[0].fill == 0.35 and found[0].area == 7
+    sparse[5, 6] = BLACK
+    assert metrics.find_blobs(sparse, "cyan") == []  # 6 / 20 = 0.3
     # two squares touching only at a corner are one blob
     corner = paint(paint(canvas(), (slice(2, 6), slice(2, 6)), "red"), (slice(6, 10), slice(6, 10)), "red")
     found = metrics.find_blobs(corner, "red")
     assert len(found) == 1 and found[0].area == 32 and found[0].box == [2 / 32, 2 / 32, 10 / 32, 10 / 32]
-    assert found[0].fill == 0.5  # 32 of 64: still a card
     # at 64 px the thresholds scale with the image (area >= 24, sides >= 6): 5x5 is too small there, 6x6 is real
     big = paint(canvas(64), (slice(2, 7), slice(2, 7)), "red")
     assert metrics.find_blobs(big, "red") == []
@@ -1298,196 +1226,19 @@ def test_find_blobs_thresholds_and_8_connectivity():
     line = canvas(64)
     line[2:8, 2:8][np.eye(6, dtype=bool)] = world.COLORS["red"]  # 6x6 box, area 6: too small at 64 px
     assert metrics.find_blobs(line, "red") == []
-    line = canvas()
-    line[2:10, 2:10][np.eye(8, dtype=bool)] = world.COLORS["red"]  # 8 pixels in an 8x8 box: far too sparse
-    assert metrics.find_blobs(line, "red") == []
-
-
-def test_find_blobs_fill_counts_what_the_card_encloses():
-    # a one-pixel ring: 28 of its 64 pixels, but it encloses the other 36: a filled card (no white: no emblem)
-    ring = paint(canvas(), (slice(4, 12), slice(4, 12)), "red")
-    ring[5:11, 5:11] = BLACK
-    (blob,) = metrics.find_blobs(ring, "red")
-    assert (blob.area, blob.fill, blob.shape, blob.shape_score, blob.emblem_box) == (28, 1.0, None, 0.0, None)
-    # the hole white: the card's emblem, a 6x6 square
-    ring[5:11, 5:11] = WHITE
-    (blob,) = metrics.find_blobs(ring, "red")
-    assert (blob.area, blob.fill, blob.shape) == (28, 1.0, "square")
-    assert math.isclose(blob.shape_score, 1.0, abs_tol=1e-6)
-    assert blob.emblem_box == [5 / 32, 5 / 32, 11 / 32, 11 / 32]
-    # a ring missing a corner still encloses (background is 4-connected); the missing corner is not enclosed
-    ring[4, 4] = BLACK
-    (blob,) = metrics.find_blobs(ring, "red")
-    assert (blob.area, blob.fill, blob.shape) == (27, 63 / 64, "square")
-    assert blob.box == [4 / 32, 4 / 32, 12 / 32, 12 / 32]
-    # cut open on its right side: nothing is enclosed, 22 of 64 pixels is too sparse ...
-    cut = paint(canvas(), (slice(4, 12), slice(4, 12)), "red")
-    cut[5:11, 5:12] = BLACK
-    assert metrics.find_blobs(cut, "red") == []
-    # ... also when the cut is white (white is no card colour: nothing but the card and its holes counts)
-    cut[5:11, 5:12] = WHITE
-    assert metrics.find_blobs(cut, "red") == []
-    cut[5:11, 11] = world.COLORS["red"]  # closed again: the emblem is enclosed
-    (blob,) = metrics.find_blobs(cut, "red")
-    assert (blob.area, blob.fill, blob.shape) == (28, 1.0, "square")
-    # an emblem under MIN_EMBLEM_AREA (2 px at 32 px, 8 at 64 px) is no emblem
-    one = paint(canvas(), (slice(4, 10), slice(4, 10)), "red")
-    one[6, 6] = WHITE
-    assert [(b.area, b.fill, b.shape) for b in metrics.find_blobs(one, "red")] == [(35, 1.0, None)]
-    one[6, 7] = WHITE
-    assert [b.shape is not None for b in metrics.find_blobs(one, "red")] == [True]
-    big = paint(canvas(64), (slice(4, 20), slice(4, 20)), "red")
-    big[8:10, 8:11] = WHITE  # 6 px
-    assert [b.shape for b in metrics.find_blobs(big, "red")] == [None]
-    big[10, 8:10] = WHITE  # 8 px
-    assert [b.shape is not None for b in metrics.find_blobs(big, "red")] == [True]
-
-
-def test_find_blobs_fill_counts_what_a_card_above_helps_enclose():
-    """A card cut open by another card's pixels (a card painted above it) still counts its exposed emblem:
-    fill is (card | holes of the card together with every other card colour) over its bounding box."""
-    # red card (rows and columns 4:12) with a white 6x6 emblem (5:11), cyan painted above over columns 10:16
-    scene = paint(canvas(), (slice(4, 12), slice(4, 12)), "red")
-    scene[5:11, 5:11] = WHITE
-    paint(scene, (slice(2, 14), slice(10, 16)), "cyan")
-    # red shows 18 pixels in an 8 x 6 box (18 / 48 = 0.375 alone); the 30 exposed emblem pixels are enclosed
-    # by red and cyan together: fill 1. The emblem is not enclosed by the red card alone: no shape
-    (blob,) = metrics.find_blobs(scene, "red")
-    assert (blob.area, blob.fill, blob.box) == (18, 1.0, [4 / 32, 4 / 32, 10 / 32, 12 / 32])
-    assert (blob.shape, blob.shape_score, blob.emblem_box) == (None, 0.0, None)
-    assert [(b.area, b.fill) for b in metrics.find_blobs(scene, "cyan")] == [(72, 1.0)]
-    # every card colour helps, not only the one above; a non-card colour (black, white) does not
-    for other in world.COLOR_NAMES:
-        if other != "red":
-            recoloured = paint(scene.copy(), (slice(2, 14), slice(10, 16)), other)
-            assert [(b.area, b.fill) for b in metrics.find_blobs(recoloured, "red")] == [(18, 1.0)], other
-    for rgb in (BLACK, WHITE):
-        opened = scene.copy()
-        opened[2:14, 10:16] = rgb
-        assert metrics.find_blobs(opened, "red") == [], rgb
-    # the same colour is not "another card": a red card above merges with it into one blob of 18 + 72 pixels
-    # in a 12 x 12 box, which encloses the 6 x 5 emblem left: fill (90 + 30) / 144; a 5 x 5 square fits it
-    merged = paint(scene.copy(), (slice(2, 14), slice(10, 16)), "red")
-    (blob,) = metrics.find_blobs(merged, "red")
-    assert (blob.area, blob.fill, blob.box) == (90, 120 / 144, [4 / 32, 2 / 32, 16 / 32, 14 / 32])
-    assert (blob.shape, blob.emblem_box) == ("square", [5 / 32, 5 / 32, 10 / 32, 11 / 32])
-    assert math.isclose(blob.shape_score, 25 / 30, rel_tol=1e-6)
-    # the other card's own pixels are not the card's: a sparse red V (7 of its 4x5 box) with cyan over the
-    # other 13 pixels of its box encloses nothing and stays too sparse
-    vee = paint_rows(canvas(), ["#...#", ".#.#.", "..#..", "..##."], "red", 5, 5)
-    filled = vee.copy()
-    box = filled[5:9, 5:10]
-    box[(box == BLACK).all(axis=-1)] = world.COLORS["cyan"]
-    assert metrics.color_mask(filled, "cyan").sum() == 13
-    assert metrics.find_blobs(vee, "red") == [] and metrics.find_blobs(filled, "red") == []
-    # a sparse red diagonal on snow (near white, as an emblem is) is rejected: 8 of 64 pixels
-    snow = canvas(32, (0.90, 0.92, 0.96))  # the snow background's base colour
-    diagonal = snow.copy()
-    diagonal[2:10, 2:10][np.eye(8, dtype=bool)] = world.COLORS["red"]
-    assert metrics.find_blobs(diagonal, "red") == []
-    # ... while a red ring on snow encloses the snow in it, and a red card on snow is whole
-    ring = paint(snow.copy(), (slice(2, 10), slice(2, 10)), "red")
-    ring[3:9, 3:9] = snow[3:9, 3:9]
-    assert [(b.area, b.fill, b.shape) for b in metrics.find_blobs(ring, "red")] == [(28, 1.0, "square")]
-    card = paint(snow.copy(), (slice(2, 10), slice(2, 10)), "red")
-    assert [(b.area, b.fill, b.shape) for b in metrics.find_blobs(card, "red")] == [(64, 1.0, None)]
 
 
 @pytest.mark.parametrize("shape", world.SHAPES)
-def test_find_blobs_recognises_each_emblem(shape):
-    box = [0.2, 0.25, 0.8, 0.85]  # 24 x 24 px at 40 px, on pixel edges
-    target = world.emblem_box(box, 40, 40)
-    rendered = world.render_scene("plain", [(f"magenta {shape}", box)], size=40)
-    painted = canvas(40)
-    card, emblem = paint_card(painted, "magenta", shape, box)
-    for image in (rendered, painted):
-        (blob,) = metrics.find_blobs(image, "magenta")
-        assert blob.shape == shape and 0.75 < blob.shape_score <= 1.0
-        assert blob.box == box and blob.fill == 1.0
-        assert all(abs(f - t) <= 1 / 40 for f, t in zip(blob.emblem_box, target)), (blob.emblem_box, target)
-    (blob,) = metrics.find_blobs(painted, "magenta")
-    assert blob.area == card.sum() - emblem.sum() == 576 - emblem.sum()
-    # the same card, its emblem painted in the card colour: no emblem, no shape
-    painted[emblem] = world.COLORS["magenta"]
-    assert [(b.area, b.shape) for b in metrics.find_blobs(painted, "magenta")] == [(576, None)]
-
-
-def test_shape_templates_are_cached_anti_aliased_coverage_of_a_box():
-    templates = metrics._shape_templates(10, 14)
-    assert templates.shape == (4, 10, 14) and templates.dtype == np.float32
-    assert templates.min() == 0.0 and templates.max() == 1.0
-    square, circle, triangle, cross = templates
-    # each shape is inscribed in the box's centred 10 x 10 square
-    assert (square[:, 2:12] == 1).all() and square[:, :2].sum() == 0 and square[:, 12:].sum() == 0
-    assert triangle.sum() == 50 and cross.sum() == 64  # half the square; two arms 0.4 of the side wide
-    assert triangle[9, 2:12].sum() > 9 and triangle[0].sum() < 1  # apex at the top
-    assert abs(circle.sum() - math.pi * 25) < 1 and 0 < circle[0, 4] < 1  # anti-aliased
-    assert circle[:, :2].sum() == 0 and cross[:, :2].sum() == 0
-    assert metrics._shape_templates(10, 14) is templates  # cached by size
-    assert metrics._shape_templates(14, 10).shape == (4, 14, 10)
-    assert np.array_equal(metrics._shape_templates(14, 10)[0][2:12], np.ones((10, 10)))
-
-
-def test_shape_templates_move_each_edge_in_by_eighths_of_a_pixel():
-    """`inset` (left, top, right, bottom, in eighths of a pixel) shrinks the box the shapes are fitted to;
-    each shape is still inscribed in the largest square centred in what is left."""
-    # 6 x 6 less a quarter pixel on every side: a 5.5 px square, its border pixels 3/4 covered, corners 9/16
-    square = metrics._shape_templates(6, 6, (2, 2, 2, 2))[0]
-    expected = np.ones((6, 6), dtype=np.float32)
-    expected[[0, -1], :] = expected[:, [0, -1]] = 0.75
-    expected[[0, 0, -1, -1], [0, -1, 0, -1]] = 0.5625
-    assert np.array_equal(square, expected) and square.sum() == 5.5 ** 2
-    assert np.array_equal(metrics._shape_templates(6, 6)[0], np.ones((6, 6)))  # no inset: the whole box
-    # half a pixel off the left of 8 x 8: a 7.5 x 8 box holds a 7.5 px square centred in it, a quarter pixel
-    # in from the top and bottom too, which is the square of the inset (4, 2, 0, 2)
-    left = metrics._shape_templates(8, 8, (4, 0, 0, 0))
-    expected = np.ones((8, 8), dtype=np.float32)
-    expected[:, 0] = 0.5
-    expected[[0, -1], :] *= 0.75
-    assert np.array_equal(left[0], expected) and left[0].sum() == 7.5 ** 2
-    assert np.array_equal(left, metrics._shape_templates(8, 8, (4, 2, 0, 2)))
-    # a wide 8 x 10 box half a pixel in from the left: the 8 px square moves a quarter pixel right (x 1.25..9.25)
-    wide = metrics._shape_templates(8, 10, (4, 0, 0, 0))
-    assert np.array_equal(wide[0], np.broadcast_to(np.array([0, 0.75] + [1] * 7 + [0.25], dtype=np.float32), (8, 10)))
-    assert np.array_equal(metrics._shape_templates(8, 10)[0][:, [0, 9]], np.zeros((8, 2)))  # no inset: 1..9
-    assert (wide[:, :, 0] == 0).all() and (wide[:, :, 9] <= 0.25).all()  # every shape moved with it
-    # the triangle's apex at the top, around x = 5.25 (more of it in column 5), its base along the bottom
-    assert np.flatnonzero(wide[2, 0]).tolist() == [4, 5] and wide[2, 0, 5] > wide[2, 0, 4] and wide[2, -1].sum() > 7
-    for shape in range(4):  # the other shapes in the 6 x 6 box less a quarter pixel: inside 0.25..5.75
-        inset = metrics._shape_templates(6, 6, (2, 2, 2, 2))[shape]
-        assert inset.sum() < metrics._shape_templates(6, 6)[shape].sum() and inset.max() == 1.0
-    # read-only and cached per (height, width, inset)
-    templates = metrics._shape_templates(6, 6, (2, 2, 2, 2))
-    assert templates.shape == (4, 6, 6) and templates.dtype == np.float32
-    assert metrics._shape_templates(6, 6, (2, 2, 2, 2)) is templates and not templates.flags.writeable
-    with pytest.raises(ValueError):
-        templates[0, 0, 0] = 1.0
-    assert metrics._shape_templates(6, 6, (2, 2, 2, 0)) is not templates
-    assert not np.array_equal(metrics._shape_templates(6, 6, (2, 2, 2, 0)), templates)
-    assert not metrics._shape_templates(6, 6).flags.writeable
-
-
-def test_subpixel_inset_reads_the_partly_covered_outermost_columns_and_rows():
-    """Eighths of a pixel: 8 x (1 - the largest coverage of the first column, first row, last column, last
-    row), rounded; an empty edge counts as (nearly) a whole pixel."""
-    assert metrics._subpixel_inset(metrics._shape_templates(6, 6, (2, 2, 2, 2))[0]) == (2, 2, 2, 2)
-    assert metrics._subpixel_inset(metrics._shape_templates(8, 8, (4, 0, 0, 0))[0]) == (4, 2, 0, 2)
-    assert metrics._subpixel_inset(np.ones((3, 4))) == (0, 0, 0, 0)
-    assert metrics._subpixel_inset(np.zeros((3, 4))) == (8, 8, 8, 8)  # 8 x 0.99, rounded
-    alpha = np.ones((4, 5), dtype=np.float32)
-    alpha[:, 0] = [0.1, 0.5, 0.3, 0.0]  # first column: 0.5 at most -> 4
-    alpha[0, :] = [0.1, 0.25, 0.2, 0.0, 0.1]  # first row: 0.25 -> 6
-    alpha[-1, 1:] = 0.875  # last row: 0.875 -> 1 (its first pixel is 0); the last column keeps a 1 -> 0
-    assert metrics._subpixel_inset(alpha) == (4, 6, 0, 1)
-    # emblem_shape fits the templates to that inset: a 6 x 6 anti-aliased square emblem a quarter pixel inside
-    # its pixel box (blended linearly with the card colour, as the renderer does) is exactly the inset square
-    red, white = np.asarray(world.COLORS["red"], dtype=np.float32), np.asarray(WHITE, dtype=np.float32)
-    array = paint(canvas(), (slice(2, 14), slice(2, 14)), "red")
-    coverage = metrics._shape_templates(6, 6, (2, 2, 2, 2))[0][..., None]
-    array[5:11, 5:11] = red * (1 - coverage) + white * coverage
-    shape, score, box = metrics.emblem_shape(array, metrics.color_mask(array, "red"), "red")
-    assert shape == "square" and math.isclose(score, 1.0, abs_tol=1e-5) and box == [5 / 32, 5 / 32, 11 / 32, 11 / 32]
-    # (fitted to the whole pixel box the square would match 30.25 / 36 = 0.84 of it)
+def test_find_blobs_recognises_each_shape(shape):
+    box = [0.2, 0.25, 0.8, 0.85]
+    alpha = world.sprite_alpha(torch.tensor([[world.SHAPES.index(shape)]]), torch.tensor([[box]]), 40, 40)[0, 0]
+    array = canvas(40)
+    paint(array, (alpha >= 0.5).numpy(), "magenta")
+    blobs = metrics.find_blobs(array, "magenta")
+    assert len(blobs) == 1 and blobs[0].shape == shape and 0.9 < blobs[0].shape_score <= 1.0
+    templates = metrics._shape_templates((8, 10, 32, 34), 40, 40)
+    assert templates.shape == (4, 40, 40) and templates.dtype == bool
+    assert templates[0].sum() == 24 * 24 and templates[0][10:34, 8:32].all()
 
 
 def test_find_subject():
@@ -1558,102 +1309,37 @@ def test_classify_background_needs_agreeing_pixels():
     assert metrics.classify_background(half.reshape(32, 32, 3).astype(np.float32)) == world.BACKGROUNDS[0]
 
 
-def _ramp_patch():
-    """A 4x4 grey ramp of 16 levels 1/15 apart: each pixel is within FLAT_RADIUS (0.1) of itself and its one or
-    two neighbours in the ramp only, so two cover colours hold at most 6 pixels: never smooth."""
-    return np.repeat(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4, 1), 3, axis=2)
-
-
-def _patch(*groups):
-    """A 4x4 patch from (count, rgb) groups, filled in reading order."""
-    pixels = [rgb for count, rgb in groups for _ in range(count)]
-    assert len(pixels) == 16
-    return np.asarray(pixels, dtype=np.float32).reshape(4, 4, 3)
-
-
-GREY = (0.5, 0.5, 0.5)
-# five pixels more than FLAT_RADIUS apart from each other and from GREY (in channel 1)
-SCATTERED = [(0.5, v, 0.5) for v in (0.0, 0.15, 0.3, 0.8, 0.95)]
-
-
-def test_fidelity_counts_piecewise_flat_4x4_patches():
-    """A patch is smooth when FLAT_SHARE (12 of 16) of its pixels lie within FLAT_RADIUS (every channel) of
-    one or two cover colours, each one of the patch's own pixels: the pixel with the most pixels near it,
-    then the pixel that covers most of the rest."""
-    assert (metrics.FLAT_SHARE, metrics.FLAT_RADIUS) == (0.75, 0.1)
-    assert metrics.fidelity(canvas(8, (0.3, 0.4, 0.5))) == 1.0  # flat
-    # an 8 / 8 split between two colours (a checkerboard of black and white, or two halves) is two flat colours
+def test_fidelity_counts_smooth_4x4_patches():
+    assert metrics.fidelity(canvas(8, (0.3, 0.4, 0.5))) == 1.0
     checker = np.indices((8, 8)).sum(0) % 2
-    two = np.repeat(checker[:, :, None], 3, axis=2).astype(np.float32)
-    assert metrics.fidelity(two) == 1.0
-    assert metrics.fidelity(_patch((8, world.COLORS["red"]), (8, world.COLORS["cyan"]))) == 1.0
-    # a ramp of 16 levels is never smooth (at most 3 + 3 pixels covered)
-    assert metrics.fidelity(_ramp_patch()) == 0.0
-    half = canvas(8, GREY)
-    half[:4, :4] = _ramp_patch()
+    noisy = np.repeat(checker[:, :, None], 3, axis=2).astype(np.float32)
+    assert metrics.fidelity(noisy) == 0.0
+    half = canvas(8, (0.5, 0.5, 0.5))
+    half[:4, :4] = noisy[:4, :4]
     assert metrics.fidelity(half) == 0.75
-    # 12 of 16 near the first cover colour is smooth whatever the other 4 are
-    assert metrics.fidelity(_patch((12, GREY), (4, (0.5, 0.9, 0.5)))) == 1.0
-    patch = canvas(4, GREY)
-    patch.reshape(16, 3)[:4, 1] = [0.9, 0.9, 0.1, 0.1]
+    # 12 of 16 pixels close to the median is smooth; 11 is not (per channel, within 0.1)
+    patch = canvas(4, (0.5, 0.5, 0.5))
+    patch.reshape(16, 3)[:4, 1] = 0.9
     assert metrics.fidelity(patch) == 1.0
-    # 11 near the first: any pixel of the rest covers at least itself, so 12: smooth
-    assert metrics.fidelity(_patch((11, GREY), *[(1, rgb) for rgb in SCATTERED])) == 1.0
-    # 10 near the first: smooth only when two of the rest share a colour
-    assert metrics.fidelity(_patch((10, GREY), (1, (0.5, 0.65, 0.5)), *[(1, rgb) for rgb in SCATTERED])) == 0.0
-    assert metrics.fidelity(_patch((10, GREY), (2, (0.5, 0.65, 0.5)), *[(1, rgb) for rgb in SCATTERED[1:]])) == 1.0
-    # (0.04 lies within 0.1 of the scattered 0.0 and of nothing else: that pixel covers two of the rest)
-    assert metrics.fidelity(_patch((10, GREY), (1, (0.5, 0.04, 0.5)), *[(1, rgb) for rgb in SCATTERED])) == 1.0
-    # a two-colour edge across a patch (a card's border) is smooth: 10 red and 6 cyan, 12 and 4, 9 and 7
-    for red_pixels in (10, 12, 9, 8, 4):
-        edge = canvas(4)
-        edge.reshape(16, 3)[:] = world.COLORS["cyan"]
-        edge.reshape(16, 3)[:red_pixels] = world.COLORS["red"]
-        assert metrics.fidelity(edge) == 1.0
-    # three colours: smooth when the two largest hold 12 pixels (8 + 4 + 4), not with 6 + 5 + 5; four of 4: no
-    assert metrics.fidelity(_patch((8, GREY), (4, world.COLORS["red"]), (4, world.COLORS["cyan"]))) == 1.0
-    assert metrics.fidelity(_patch((6, GREY), (5, world.COLORS["red"]), (5, world.COLORS["cyan"]))) == 0.0
-    assert metrics.fidelity(_patch((4, GREY), (4, world.COLORS["red"]), (4, world.COLORS["cyan"]),
-                                   (4, world.COLORS["lime"]))) == 0.0
-    # the distance is per channel (0.09 off in all three channels is near: 6 + 5 + 1 = 12) ...
-    near, off = (0.59, 0.59, 0.59), (0.59, 0.59, 0.61)
-    assert metrics.fidelity(_patch((6, GREY), (5, near), *[(1, rgb) for rgb in SCATTERED])) == 1.0
-    # ... and one channel 0.11 off is far: GREY covers 6, the `off` pixels 5: 11
-    assert metrics.fidelity(_patch((6, GREY), (5, off), *[(1, rgb) for rgb in SCATTERED])) == 0.0
-    # a cover colour is a pixel of the patch, and its neighbourhood is not transitive: 0.0 and 0.18 are both
-    # within 0.1 of 0.09, so a pixel at 0.09 covers 5 + 1 + 5 (and one more pixel the rest); without it the
-    # two levels are two colours, 5 + 5
-    def levels(*values):
-        return [(1, (0.5, v, 0.5)) for v in values]
-
-    low, high = (5, (0.5, 0.0, 0.5)), (5, (0.5, 0.18, 0.5))
-    assert metrics.fidelity(_patch(low, (1, (0.5, 0.09, 0.5)), high, *levels(0.4, 0.55, 0.7, 0.85, 1.0))) == 1.0
-    assert metrics.fidelity(_patch(low, high, *levels(0.32, 0.46, 0.6, 0.74, 0.88, 1.0))) == 0.0
-    close = canvas(4, GREY)
+    patch.reshape(16, 3)[4, 1] = 0.9
+    assert metrics.fidelity(patch) == 0.0
+    close = canvas(4, (0.5, 0.5, 0.5))
     close.reshape(16, 3)[:6, 2] = 0.59  # within the radius
     assert metrics.fidelity(close) == 1.0
-    # a rendered card whose edges lie on patch borders: every patch is smooth, its emblem's edges included
-    card = world.render_scene("plain", [("red square", [0.25, 0.25, 0.75, 0.75])], size=64)
-    assert metrics.fidelity(card) == 1.0
-    # noise is never smooth
-    assert metrics.fidelity(np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)) == 0.0
     # only whole 4x4 patches count: a 10x9 image has 2x2 patches; the rest is ignored
     odd = np.ones((10, 9, 3), dtype=np.float32) * 0.5
     odd[8:, :] = 0.0
     odd[:, 8:] = 1.0
-    odd[0:4, 0:4] = _ramp_patch()
+    odd[0:4, 0:4] = noisy[:4, :4]
     assert metrics.fidelity(odd) == 0.75
 
 
 def test_fidelity_per_patch_on_non_square_images():
     two = np.concatenate([np.zeros((4, 4, 3)), np.ones((4, 8, 3))], axis=1).astype(np.float32)  # 4x12: 3 patches
-    assert metrics.fidelity(two) == 1.0  # each patch is flat around its own colour
+    assert metrics.fidelity(two) == 1.0  # each patch is flat around its own median
     tall = np.zeros((12, 4, 3), dtype=np.float32)
-    tall[4:8] = _ramp_patch()
+    tall[4:8] = np.indices((4, 4)).sum(0)[:, :, None] % 2
     assert math.isclose(metrics.fidelity(tall), 2 / 3)
-    wide = np.zeros((4, 12, 3), dtype=np.float32)
-    wide[:, 8:] = _ramp_patch()
-    assert math.isclose(metrics.fidelity(wide), 2 / 3)
 
 
 def test_artefact_energy_exact():
@@ -1703,70 +1389,6 @@ def test_dominant_color():
     assert metrics.dominant_color(corner, [0.0, 0.0, 0.0, 0.0]) == "cyan"  # exactly one pixel, not its neighbours
 
 
-def test_dominant_color_within_a_region():
-    """With a region (the part of a box no card above covers) only its pixels count, wherever the box is."""
-    array = canvas(10)
-    paint(array, (slice(0, 10), slice(0, 6)), "red")  # 60 red
-    paint(array, (slice(0, 10), slice(6, 10)), "cyan")  # 40 cyan
-    assert metrics.dominant_color(array, [0.0, 0.0, 1.0, 1.0]) == "red"
-    right = np.zeros((10, 10), dtype=bool)
-    right[:, 5:] = True  # 10 red, 40 cyan
-    assert metrics.dominant_color(array, [0.0, 0.0, 1.0, 1.0], right) == "cyan"
-    assert metrics.dominant_color(array, [0.0, 0.0, 0.5, 0.5], right) == "cyan"  # the region replaces the box
-    corner = np.zeros((10, 10), dtype=bool)
-    corner[0, 0] = True
-    assert metrics.dominant_color(array, [0.5, 0.5, 1.0, 1.0], corner) == "red"
-    array[0, 0] = BLACK
-    assert metrics.dominant_color(array, [0.0, 0.0, 1.0, 1.0], corner) is None
-    # an empty region: nothing to look at, None (the box is not looked at instead, however full of colour)
-    empty = np.zeros((10, 10), dtype=bool)
-    assert metrics.dominant_color(array, [0.0, 0.0, 1.0, 1.0], empty) is None
-    assert metrics.dominant_color(array, [0.0, 0.0, 1.0, 1.0]) == "red"
-
-
-def _case(subjects, priorities=None, background="grass"):
-    return world.Case(background=background, prompt="a photo", sprites=[world.Sprite.parse(s) for s, _ in subjects],
-                      boxes=[list(b) for _, b in subjects], seed=0, priorities=priorities)
-
-
-def test_visible_regions_and_region_boxes_on_a_hand_made_overlap():
-    """At 20 px: red (rows and columns 2:12) under cyan (columns 8:18, rows 0:18), which covers red's right
-    part and emblem and all of magenta (columns 10:16, rows 4:10); lime (columns 0:6, rows 14:20) is alone."""
-    case = _case([("red square", [0.1, 0.1, 0.6, 0.6]), ("cyan circle", [0.4, 0.0, 0.9, 0.9]),
-                  ("lime cross", [0.0, 0.7, 0.3, 1.0]), ("magenta triangle", [0.5, 0.2, 0.8, 0.5])],
-                 priorities=[1, 3, 0, 2])
-    regions, whole = metrics.visible_regions(case, 20, 20)
-
-    def box_mask(y0, y1, x0, x1):
-        mask = np.zeros((20, 20), dtype=bool)
-        mask[y0:y1, x0:x1] = True
-        return mask
-
-    expected = [box_mask(2, 12, 2, 8), box_mask(0, 18, 8, 18), box_mask(14, 20, 0, 6),
-                box_mask(4, 10, 10, 16)]  # magenta: wholly covered, so its whole box
-    assert len(regions) == 4 and all(np.array_equal(r, e) for r, e in zip(regions, expected))
-    assert whole == [False, True, True, False]
-    targets = [metrics._region_box(r, b, 20, 20) for r, b in zip(regions, case.boxes)]
-    assert targets == [[2 / 20, 2 / 20, 8 / 20, 12 / 20], [0.4, 0.0, 0.9, 0.9], [0.0, 0.7, 0.3, 1.0],
-                       [0.5, 0.2, 0.8, 0.5]]
-    # a card above that cuts only a corner outside the emblem: the emblem stays whole, the target is the box
-    corner = _case([("red square", [0.0, 0.0, 0.5, 0.5]), ("cyan square", [0.45, 0.45, 1.0, 1.0])])
-    regions, whole = metrics.visible_regions(corner, 20, 20)
-    assert whole == [True, True] and regions[0].sum() == 100 - 1 and not regions[0][9, 9]  # red: pixels 0..9
-    assert metrics._region_box(regions[0], corner.boxes[0], 20, 20) == [0.0, 0.0, 0.5, 0.5]
-    # ... two pixels further it covers the emblem's corner (emblem rows and columns 1..8, less its corners)
-    regions, whole = metrics.visible_regions(_case([("red square", [0.0, 0.0, 0.5, 0.5]),
-                                                    ("cyan square", [0.35, 0.35, 1.0, 1.0])]), 20, 20)
-    assert whole == [False, True]
-    # without priorities the later subject is on top
-    regions, whole = metrics.visible_regions(_case(list(reversed(corner.subjects))), 20, 20)
-    assert whole == [True, True] and regions[0].sum() == 121 - 1 and regions[1].sum() == 100
-    # the region box is the box itself when nothing is cut, the region's pixel box otherwise
-    assert metrics._region_box(np.ones((4, 4), dtype=bool), [0.1, 0.1, 0.9, 0.9], 4, 4) == [0.1, 0.1, 0.9, 0.9]
-    assert metrics._region_box(box_mask(0, 20, 0, 10), [0.01, 0.0, 0.49, 1.0], 20, 20) == [0.01, 0.0, 0.49, 1.0]
-    assert metrics._region_box(box_mask(3, 5, 0, 10), [0.0, 0.0, 0.5, 1.0], 20, 20) == [0.0, 0.15, 0.5, 0.25]
-
-
 def _overlap_case(priorities, boxes=None):
     boxes = boxes or [[0.0, 0.0, 0.6, 0.6], [0.4, 0.4, 1.0, 1.0]]
     return world.Case(background="grass", prompt="a photo", sprites=[world.Sprite("square", "red"),
@@ -1774,119 +1396,74 @@ def _overlap_case(priorities, boxes=None):
                       boxes=boxes, seed=0, priorities=priorities)
 
 
-def _overlap_region(case, top) -> np.ndarray:
-    """The pixels (20 x 20) where both cards of a two-subject `_overlap_case` cover at least half, outside
-    the emblem of subject `top` (its square's coverage at least half, sampled 2 x 2 per pixel as
-    `overlap_ownership` samples it)."""
-    boxes = torch.tensor([case.boxes], dtype=torch.float32)
-    cards = world.card_alpha(boxes, 20, 20)[0].numpy() >= 0.5
-    emblems = world.emblem_alpha(torch.tensor([[0, 0]]), boxes, 20, 20, 2)[0].numpy() >= 0.5
-    return cards[0] & cards[1] & ~emblems[top]
-
-
-def _painted(case, order, size=20):
-    """The case's cards painted hard-edged (see `paint_card`) on black, in `order` (bottom first)."""
-    array = canvas(size)
-    for i in order:
-        paint_card(array, case.sprites[i].color, case.sprites[i].shape, case.boxes[i])
-    return array
+def _overlap_region(case) -> np.ndarray:
+    """The pixels (20 x 20) where both squares of a two-subject `_overlap_case` cover at least half."""
+    region = world.sprite_alpha(torch.tensor([[0, 0]]), torch.tensor([case.boxes]), 20, 20)[0].numpy() >= 0.5
+    return region[0] & region[1]
 
 
 def test_overlap_ownership_on_hand_painted_overlaps():
-    """At 20 px the cards overlap on pixels 8..11; red's emblem covers 2..9, cyan's 10..17: the judged region
-    is the overlap outside the top card's emblem (12 pixels), which the top card's colour must own."""
-    case = _overlap_case([1, 0])  # red on top
-    region = np.zeros((20, 20), dtype=bool)
-    region[8:12, 8:12] = True
-    region[8:10, 8:10] = False  # red's emblem
-    assert np.array_equal(_overlap_region(case, 0), region)
-    subjects = [{"shape_pred": "square", "emblem_visible": True}, {"shape_pred": "square", "emblem_visible": True}]
-    right = _painted(case, [1, 0])
-    (result,) = metrics.overlap_ownership(right, case, subjects)
-    assert result == {"top": 0, "bottom": 1, "top_listed_first": True, "pixels": 12, "top_share": 1.0,
+    region = (slice(8, 12), slice(8, 12))  # both 20x20 squares cover pixels 8..11 at 20 px
+    case = _overlap_case([1, 0])
+    subjects = [{"shape_pred": "square"}, {"shape_pred": "square"}]
+    array = canvas(20)
+    paint(array, region, "red")
+    (result,) = metrics.overlap_ownership(array, case, subjects)
+    assert result == {"top": 0, "bottom": 1, "top_listed_first": True, "pixels": 16, "top_share": 1.0,
                       "bottom_share": 0.0, "color_owned": True, "owned": True}
-    # what lies under the top card's emblem does not count
-    inside = right.copy()
-    inside[8:10, 8:10] = world.COLORS["cyan"]
-    assert metrics.overlap_ownership(inside, case, subjects) == [result]
-    # painted the other way (cyan on top, its white emblem on 10..11): red owns nothing of the region
-    wrong = _painted(case, [0, 1])
-    (result,) = metrics.overlap_ownership(wrong, case, subjects)
-    assert (result["pixels"], result["top_share"], result["bottom_share"]) == (12, 0.0, 0.6667)
-    assert not result["color_owned"] and not result["owned"]
-    # a blend of the two (what mask-only does in an overlap) is owned by neither order
-    blend = (right + wrong) / 2
-    for priorities in ([1, 0], [0, 1]):
-        (result,) = metrics.overlap_ownership(blend, _overlap_case(priorities), subjects)
-        assert (result["top_share"], result["bottom_share"], result["color_owned"]) == (0.0, 0.0, False)
-    # the other subject on top: it does not own what is painted red (its own emblem, 10..11, is left out)
-    (result,) = metrics.overlap_ownership(right, _overlap_case([0, 1]), subjects)
+    assert metrics.overlap_ownership(array, case, [{"shape_pred": "circle"}, subjects[1]])[0]["owned"] is False
+    # the other subject on top: it does not own what is painted red
+    (result,) = metrics.overlap_ownership(array, _overlap_case([0, 1]), subjects)
     assert (result["top"], result["bottom"], result["top_listed_first"]) == (1, 0, False)
-    assert (result["pixels"], result["top_share"], result["bottom_share"]) == (12, 0.0, 0.6667)
-    assert not result["color_owned"]
-    cyan_region = np.zeros((20, 20), dtype=bool)
-    cyan_region[8:12, 8:12] = True
-    cyan_region[10:12, 10:12] = False  # cyan's emblem
-    assert np.array_equal(_overlap_region(case, 1), cyan_region)
-    # owning needs the top card's emblem recognised, unless a card above hides part of it in the true scene
-    wrong_shape = [{"shape_pred": "circle", "emblem_visible": True}, subjects[1]]
-    (result,) = metrics.overlap_ownership(right, case, wrong_shape)
-    assert result["color_owned"] and not result["owned"]
-    for top in ({"shape_pred": None, "emblem_visible": False}, {"shape_pred": "circle", "emblem_visible": False}):
-        (result,) = metrics.overlap_ownership(right, case, [top, subjects[1]])
-        assert result["color_owned"] and result["owned"]
-    (result,) = metrics.overlap_ownership(right, case, [{"shape_pred": None, "emblem_visible": True}, subjects[1]])
-    assert not result["owned"]
+    assert result["top_share"] == 0.0 and result["bottom_share"] == 1.0 and not result["color_owned"]
     # a tie in pixels is not owning; under OWN_MIN_SHARE of the region is not owning either
-    ys, xs = np.nonzero(region)
     tie = canvas(20)
-    tie[ys[:6], xs[:6]] = world.COLORS["red"]
-    tie[ys[6:], xs[6:]] = world.COLORS["cyan"]
+    tie[8:10, 8:12] = world.COLORS["red"]
+    tie[10:12, 8:12] = world.COLORS["cyan"]
     (result,) = metrics.overlap_ownership(tie, case, subjects)
     assert result["top_share"] == 0.5 and result["bottom_share"] == 0.5 and not result["color_owned"]
     few = canvas(20)
-    few[ys[:3], xs[:3]] = world.COLORS["red"]  # 3 of 12 = 0.25 < 0.3
+    few[8, 8:12] = world.COLORS["red"]  # 4 of 16 = 0.25 < 0.3
     (result,) = metrics.overlap_ownership(few, case, subjects)
     assert result["top_share"] == 0.25 and not result["color_owned"] and not result["owned"]
-    few[ys[3], xs[3]] = world.COLORS["red"]  # 4 of 12 >= 0.3
-    (result,) = metrics.overlap_ownership(few, case, subjects)
-    assert result["top_share"] == 0.3333 and result["color_owned"] and result["owned"]
+    five = canvas(20)
+    five[8, 8:12] = world.COLORS["red"]
+    five[9, 8] = world.COLORS["red"]  # 5 of 16 = 0.3125 >= 0.3
+    assert metrics.overlap_ownership(five, case, subjects)[0]["color_owned"]
     # no priorities, or overlaps under 4 pixels: nothing to judge
-    assert metrics.overlap_ownership(right, _overlap_case(None), subjects) == []
+    assert metrics.overlap_ownership(array, _overlap_case(None), subjects) == []
     touching = _overlap_case([1, 0], [[0.0, 0.0, 0.55, 0.55], [0.45, 0.45, 1.0, 1.0]])  # 2x2 = 4 pixels at 20 px
-    assert [r["pixels"] for r in metrics.overlap_ownership(right, touching, subjects)] == [4]
+    assert [r["pixels"] for r in metrics.overlap_ownership(array, touching, subjects)] == [4]
     apart = _overlap_case([1, 0], [[0.0, 0.0, 0.5, 0.5], [0.45, 0.45, 1.0, 1.0]])  # 1 pixel
-    assert metrics.overlap_ownership(right, apart, subjects) == []
+    assert metrics.overlap_ownership(array, apart, subjects) == []
     # equal priorities: the later subject is drawn on top (as Case.paint_order)
-    (result,) = metrics.overlap_ownership(right, _overlap_case([1, 1]), subjects)
+    (result,) = metrics.overlap_ownership(array, _overlap_case([1, 1]), subjects)
     assert (result["top"], result["bottom"]) == (1, 0)
     # a pair without overlap does not stop the others from being judged
     three = world.Case(background="grass", prompt="a photo", sprites=[world.Sprite("square", c) for c in
                                                                       ("red", "cyan", "lime")],
                        boxes=[[0.0, 0.0, 0.6, 0.6], [0.7, 0.7, 1.0, 1.0], [0.4, 0.4, 1.0, 1.0]], seed=0,
                        priorities=[2, 0, 1])
-    results = metrics.overlap_ownership(right, three, subjects + [{"shape_pred": "square", "emblem_visible": True}])
+    results = metrics.overlap_ownership(array, three, subjects + [{"shape_pred": "square"}])
     assert [(r["top"], r["bottom"]) for r in results] == [(0, 2), (2, 1)]
     # shares are rounded to 4 digits; OWN_MIN_SHARE is inclusive
-    # red's emblem on pixels 1..8 less its corners; the overlap rows 6..9, columns 7..9
-    seven = _overlap_case([1, 0], [[0.0, 0.0, 0.5, 0.5], [0.35, 0.3, 1.0, 0.9]])
-    ys, xs = np.nonzero(_overlap_region(seven, 0))
-    assert list(zip(ys.tolist(), xs.tolist())) == [(6, 9), (7, 9), (8, 8), (8, 9), (9, 7), (9, 8), (9, 9)]
+    nine = _overlap_case([1, 0], [[0.0, 0.0, 0.55, 0.55], [0.4, 0.4, 1.0, 1.0]])
+    region = _overlap_region(nine)
+    assert region.sum() == 9
     painted = canvas(20)
+    ys, xs = np.nonzero(region)
     painted[ys[0], xs[0]] = world.COLORS["red"]
-    painted[ys[1:3], xs[1:3]] = world.COLORS["cyan"]
-    (result,) = metrics.overlap_ownership(painted, seven, subjects)
-    assert result["pixels"] == 7 and result["top_share"] == 0.1429 and result["bottom_share"] == 0.2857
-    ten = _overlap_case([1, 0], [[0.0, 0.0, 0.6, 0.6], [0.35, 0.5, 1.0, 1.0]])  # rows 10..11, columns 7..11
-    ys, xs = np.nonzero(_overlap_region(ten, 0))  # red's emblem (2..9) is above the overlap
-    assert list(zip(ys.tolist(), xs.tolist())) == [(y, x) for y in (10, 11) for x in range(7, 12)]
+    painted[ys[1], xs[1]] = world.COLORS["cyan"]
+    (result,) = metrics.overlap_ownership(painted, nine, subjects)
+    assert result["top_share"] == 0.1111 and result["bottom_share"] == 0.1111
+    twenty = _overlap_case([1, 0], [[0.0, 0.0, 0.6, 0.6], [0.4, 0.35, 1.0, 0.95]])
+    region = _overlap_region(twenty)
+    assert region.sum() == 20
     painted = canvas(20)
-    painted[ys[:3], xs[:3]] = world.COLORS["red"]  # 3 of 10 = OWN_MIN_SHARE
-    (result,) = metrics.overlap_ownership(painted, ten, subjects)
-    assert result["pixels"] == 10 and result["top_share"] == 0.3 and result["color_owned"]
-    painted[ys[2], xs[2]] = BLACK  # 2 of 10
-    (result,) = metrics.overlap_ownership(painted, ten, subjects)
-    assert result["top_share"] == 0.2 and not result["color_owned"]
+    ys, xs = np.nonzero(region)
+    painted[ys[:6], xs[:6]] = world.COLORS["red"]  # 6 of 20 = OWN_MIN_SHARE
+    (result,) = metrics.overlap_ownership(painted, twenty, subjects)
+    assert result["top_share"] == 0.3 and result["color_owned"]
 
 
 def _score(subjects, detections=(), background=True, fidelity=1.0, artefact=0.0, overlaps=None):
@@ -1965,21 +1542,6 @@ def test_summarize_bootstrap_cis():
     assert pair["iou"]["mean"] == 0.5 and pair["iou"]["ci95"] == [0.0, 1.0]
 
 
-def test_summarize_judges_identity_only_where_the_emblem_is_visible():
-    """A subject whose emblem a card above hides in the true scene counts for IoU and placement, not for
-    identity or shape; subjects without the flag count as visible."""
-    hidden = dict(_subject("cyan circle", shape=None, identity=False), emblem_visible=False)
-    wrong = dict(_subject("lime cross", shape="square", identity=False), emblem_visible=True)
-    scores = [_score([_subject(), hidden]), _score([wrong, _subject(iou=0.2, placed=False, identity=False)])]
-    means = {k: v["mean"] for k, v in metrics.summarize(scores, bootstrap=0).items() if isinstance(v, dict)}
-    assert means["identity"] == 0.5 and means["shape"] == 0.5  # red square right, lime cross wrong
-    assert means["placed"] == 0.75 and means["iou"] == round((1.0 + 1.0 + 1.0 + 0.2) / 4, 4)
-    visible = [_score([_subject(), dict(hidden, emblem_visible=True)]), scores[1]]
-    assert metrics.summarize(visible, bootstrap=0)["identity"]["mean"] == round(1 / 3, 4)
-    only_hidden = metrics.summarize([_score([hidden])], bootstrap=0)
-    assert math.isnan(only_hidden["identity"]["mean"]) and only_hidden["placed"]["mean"] == 1.0
-
-
 def test_score_case_reports_each_subject_and_the_image():
     case = world.make_case(2, seed=5)
     image = case.render(64)
@@ -1987,27 +1549,27 @@ def test_score_case_reports_each_subject_and_the_image():
     array = metrics._as_array(image)
     assert len(score["subjects"]) == 2
     for subject, sprite, box in zip(score["subjects"], case.sprites, case.boxes):
-        blob = metrics.find_subject(array, sprite, box)
+        target = world.inscribed_box(box, 64, 64)
+        blob = metrics.find_subject(array, sprite, target)
         assert subject["sprite"] == sprite.name and subject["box"] == box
-        assert subject["target"] == [round(v, 4) for v in box] == box  # no card covers it: its whole box
-        assert subject["emblem_visible"] is True
+        assert subject["target"] == [round(v, 4) for v in target]
         assert subject["short_side"] == round(min(box[2] - box[0], box[3] - box[1]), 4)
         assert subject["detected_box"] == [round(v, 4) for v in blob.box]
-        assert subject["iou"] == metrics.box_iou(blob.box, box) and subject["iou"] >= 0.8 and subject["placed"]
+        assert subject["iou"] == metrics.box_iou(blob.box, target) and subject["iou"] >= 0.5 and subject["placed"]
         assert subject["shape_pred"] == sprite.shape and subject["color_pred"] == sprite.color and subject["identity"]
     assert score["background_pred"] == case.background and score["background"] is True
-    expected = [{"color": c, "box": b.box, "score": b.fill * (0.5 + 0.5 * b.shape_score)}
+    expected = [{"color": c, "box": b.box, "score": b.shape_score * min(1.0, b.fill / 0.5)}
                 for c in world.COLOR_NAMES for b in metrics.find_blobs(array, c)]
-    assert score["detections"] == expected and len(expected) == 2
+    assert score["detections"] == expected and len(expected) >= 2
     assert score["overlaps"] == [] and score["fidelity"] == metrics.fidelity(array)
     assert score["artefact"] == metrics.artefact_energy(array)
-    # nothing drawn: nothing detected, placed or identified (the truth still shows both emblems)
+    # nothing drawn: nothing detected, placed or identified
     empty = metrics.score_case(canvas(64), case)
     for subject in empty["subjects"]:
         assert (subject["detected_box"], subject["iou"], subject["placed"], subject["shape_pred"], subject["identity"],
-                subject["color_pred"], subject["emblem_visible"]) == (None, 0.0, False, None, False, None, True)
+                subject["color_pred"]) == (None, 0.0, False, None, False, None)
     assert empty["detections"] == [] and empty["background_pred"] is None and empty["background"] is False
-    # a wrong emblem on the right card in the right place: placed, but not the same identity
+    # a wrong shape in the right place and colour: placed, but not the same identity
     sprite, box = case.sprites[0], case.boxes[0]
     other = next(s for s in world.SHAPES if s != sprite.shape)
     wrong = world.render_scene(case.background, [(world.Sprite(other, sprite.color), box)], size=64, seed=case.seed)
@@ -2033,34 +1595,16 @@ def test_score_case_judges_each_subject_in_its_own_box():
 
 
 def test_score_case_scores_detections_and_overlaps():
-    """Red under cyan: cyan's card cuts red's emblem open, so red has no shape and its emblem is not visible
-    in the true scene either (not judged for identity); red's target is the visible part of its box."""
     case = world.Case(background="sand", prompt="a photo",
                       sprites=[world.Sprite("triangle", "red"), world.Sprite("square", "cyan")],
                       boxes=[[0.05, 0.05, 0.55, 0.55], [0.3, 0.3, 0.8, 0.8]], seed=0, priorities=[0, 1])
     image = case.render(64)
     score = metrics.score_case(image, case)
     array = metrics._as_array(image)
-    red, cyan = score["subjects"]
-    assert (red["emblem_visible"], cyan["emblem_visible"]) == (False, True)
-    assert red["target"] == [round(v, 4) for v in [3 / 64, 3 / 64, 35 / 64, 35 / 64]]  # its pixel box, 3..35
-    assert cyan["target"] == [0.3, 0.3, 0.8, 0.8]
-    assert red["placed"] and red["shape_pred"] is None and red["color_pred"] == "red" and not red["identity"]
-    assert cyan["placed"] and cyan["shape_pred"] == "square" and cyan["identity"]
-    (triangle,) = metrics.find_blobs(array, "red")
-    assert triangle.shape is None and triangle.shape_score == 0.0 and triangle.fill >= metrics.MIN_FILL
+    triangle = metrics.find_blobs(array, "red")[0]  # partly under the square: less than half its box
+    assert triangle.fill < 0.5
     detection = next(d for d in score["detections"] if d["color"] == "red")
-    assert detection["score"] == triangle.fill * 0.5  # no emblem: half the score of a recognised one
+    assert detection["score"] == triangle.shape_score * triangle.fill / 0.5  # a thin blob scores less
     assert score["overlaps"] == metrics.overlap_ownership(array, case, score["subjects"])
     (overlap,) = score["overlaps"]
     assert overlap["top"] == 1 and overlap["color_owned"] and overlap["owned"]
-    means = {k: v["mean"] for k, v in metrics.summarize([score], bootstrap=0).items() if isinstance(v, dict)}
-    assert means["placed"] == 1.0 and means["identity"] == 1.0 and means["shape"] == 1.0  # red is not judged
-    # a card above that cuts a whole side: the target shrinks to what shows, and the blob matches it
-    cut = world.Case(background="sand", prompt="a photo",
-                     sprites=[world.Sprite("triangle", "red"), world.Sprite("square", "cyan")],
-                     boxes=[[0.1, 0.1, 0.6, 0.6], [0.4, 0.0, 0.9, 0.9]], seed=0, priorities=[0, 1])
-    red, cyan = metrics.score_case(cut.render(64), cut)["subjects"]
-    assert red["target"] == [round(v, 4) for v in [6 / 64, 6 / 64, 26 / 64, 38 / 64]] and not red["emblem_visible"]
-    assert red["placed"] and red["iou"] > 0.9 > 0.6 > metrics.box_iou(red["detected_box"], cut.boxes[0])
-    assert cyan["target"] == cut.boxes[1] and cyan["emblem_visible"] and cyan["identity"]

@@ -17,42 +17,28 @@ def test_render_scene_is_deterministic_for_a_seed():
     assert (a != c).any()  # the texture follows the seed
 
 
-def _mask_box(mask, h, w):
-    ys, xs = np.nonzero(mask)
-    return [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
-
-
 @pytest.mark.parametrize("shape", world.SHAPES)
 @pytest.mark.parametrize("size", [64, (32, 64)])
 @pytest.mark.parametrize("box", [[0.25, 0.125, 0.75, 0.875], [0.125, 0.25, 0.875, 0.75], [0.25, 0.25, 0.75, 0.75]])
-def test_card_fills_its_box_and_its_emblem_is_inscribed_not_stretched(shape, size, box):
+def test_sprite_is_inscribed_in_its_box_not_stretched(shape, size, box):
     image = np.asarray(world.render_scene("plain", [(f"red {shape}", box)], size=size)).astype(float) / 255
     h, w = image.shape[:2]
     red = np.linalg.norm(image - np.array(world.COLORS["red"]), axis=-1) < 0.3
-    white = np.linalg.norm(image - np.array(world.EMBLEM_RGB), axis=-1) < 0.3
-    card = _mask_box(red | white, h, w)
-    assert all(abs(f - t) <= 1.0 / n for f, t, n in zip(card, box, (w, h, w, h))), (card, box)
-    target = world.emblem_box(box, h, w)
+    ys, xs = np.nonzero(red)
+    found = [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
+    target = world.inscribed_box(box, h, w)
     assert abs((target[2] - target[0]) * w - (target[3] - target[1]) * h) < 1e-6  # a square in pixels
-    assert abs((target[2] - target[0]) * w - world.EMBLEM_FILL * min((box[2] - box[0]) * w, (box[3] - box[1]) * h)) < 1e-6
-    found = _mask_box(white, h, w)
+    assert target[0] >= box[0] and target[1] >= box[1] and target[2] <= box[2] and target[3] <= box[3]
     tolerance = [1.5 / w, (3.5 if shape == "triangle" else 1.5) / h, 1.5 / w, 1.5 / h]  # a triangle's apex is thin
     assert all(abs(f - t) <= tol for f, t, tol in zip(found, target, tolerance)), (found, target)
 
 
-def test_emblems_keep_their_aspect_in_a_wide_card():
-    """A circle on a 2:1 card is a circle (as wide as it is tall), not an ellipse."""
+def test_shapes_keep_their_aspect_in_a_wide_box():
+    """A circle in a 2:1 box is a circle (as wide as it is tall), not an ellipse."""
     image = np.asarray(world.render_scene("plain", [("red circle", [0.0, 0.25, 1.0, 0.75])], size=64)).astype(float) / 255
-    white = np.linalg.norm(image - np.array(world.EMBLEM_RGB), axis=-1) < 0.3
-    ys, xs = np.nonzero(white)
+    red = np.linalg.norm(image - np.array(world.COLORS["red"]), axis=-1) < 0.3
+    ys, xs = np.nonzero(red)
     assert abs((xs.max() - xs.min()) - (ys.max() - ys.min())) <= 1
-
-
-def test_card_coverage_is_exact_area():
-    """card_alpha is the exact share of each pixel inside the box (anti-aliased edges, no supersampling)."""
-    alpha = world.card_alpha(torch.tensor([[[0.1, 0.25, 0.55, 0.5]]]), 4, 10)[0, 0]
-    assert torch.allclose(alpha.sum(), torch.tensor(0.45 * 10 * 0.25 * 4))
-    assert alpha[1, 2].item() == 1.0 and alpha[0, 2].item() == 0.0 and abs(alpha[1, 5].item() - 0.5) < 1e-6
 
 
 def test_batch_renderer_matches_scene_renderer_and_switches_sprites_off():

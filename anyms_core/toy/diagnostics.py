@@ -41,9 +41,9 @@ def _scenes(n: int, framed: bool, generator: torch.Generator):
         boxes = torch.stack([x0, y0, x0 + side, y0 + side], dim=-1).view(n, 1, 4)
     present = torch.ones(n, 1, dtype=torch.bool)
     images = world.render_batch(backgrounds, shapes, colors, boxes, present, 64, 64, generator, supersample=2) * 2 - 1
-    # the emblem's square and a 2-pixel ring around it: where a wrong shape differs from the right one
-    square = world.shape_alpha(torch.zeros_like(shapes), boxes, 64, 64, 2, scale=world.EMBLEM_FILL)[:, 0]
-    region = (F.max_pool2d(square[:, None], 5, 1, 2)[:, 0] > 0).float()
+    alpha = world.sprite_alpha(shapes, boxes, 64, 64, 2)[:, 0]
+    # the sprite and a 4-pixel ring around it: where a wrong shape differs from the right one
+    region = (F.max_pool2d(alpha[:, None], 9, 1, 4)[:, 0] > 0).float()
     return backgrounds, shapes[:, 0], colors[:, 0], wrong, images, region
 
 

@@ -1,23 +1,11 @@
-"""The toy world: procedural scenes of cards on named backgrounds, and their exact renderer.
+"""The toy world: procedural scenes of sprites on named backgrounds, and their exact renderer.
 
-A scene is a background (named by the prompt, e.g. "a photo on grass") and a list of subjects, each a
-**card** drawn in a box: a field of the subject's colour that fills the whole box, with a white
-**emblem** (square, circle, triangle or cross) inscribed in the largest centred square of the box at
-`EMBLEM_FILL` of its side (never stretched: a wide card holds a round circle). A subject's identity is
-the emblem's shape x the card's colour (4 x 5 = 20 identities); it is still called a `Sprite` and named
-"<colour> <shape>" ("red triangle": a red card with a white triangle).
-
-Why cards: AnyMS injects a subject into every position of its box and nowhere else, so whatever a
-model draws there fills the box, as real subjects (a dog, a teapot) fill theirs. A bare shape would
-have to leave the corners of its own box empty, and nothing in the injection tells a model where the
-box ends (v2.0 drew bare shapes: inside AnyMS boxes they came out as box-shaped patches, identity at
-chance). A card fills its box, and its emblem is placed relative to the card's own edges, which the
-model sees in the image as soon as the card appears.
-
-The base model learns to draw the cards that the prompt names ("a red triangle on grass"), as SDXL
-knows objects by name; evaluation prompts name only the background, so in a generated image a
-subject's identity and place can only come from its reference image and AnyMS, as in real subject
-customization.
+A scene is a background (named by the prompt, e.g. "a photo on grass") and a list of sprites, each
+drawn inside a box: the shape is inscribed in the largest centred square of the box (never
+stretched). A sprite's identity is a shape x a colour (4 x 5 = 20 identities). The base model learns
+to draw sprites that the prompt names ("a red triangle on grass"), as SDXL knows objects by name;
+evaluation prompts name only the background, so in a generated image a sprite's identity and place can
+only come from its reference image and AnyMS, as in real subject customization.
 
 Everything here is deterministic for a seed. Boxes are normalized [x0, y0, x1, y1], origin top-left.
 The batch renderer (`render_batch`) is vectorised torch code that runs on any device, so training can
@@ -81,10 +69,6 @@ def named_prompt(background: str, sprites: "list[Sprite]", template: int = 0) ->
     things = " and ".join(f"a {s.color} {s.shape}" for s in sprites)
     return NAMED_TEMPLATES[template % len(NAMED_TEMPLATES)].format(things=things, place=place)
 
-# The emblem: white, its square side this fraction of the card's shorter side.
-EMBLEM_RGB: tuple[float, float, float] = (0.97, 0.97, 0.97)
-EMBLEM_FILL = 0.7
-
 # A reference image's neutral backdrop (index len(BACKGROUNDS) in the batch renderer).
 PLAIN_BACKGROUND = "plain"
 _PLAIN_RGB = (0.5, 0.5, 0.5)
@@ -92,7 +76,7 @@ _PLAIN_RGB = (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class Sprite:
-    """A subject of the toy world: a card of one of COLORS with a white emblem of one of SHAPES."""
+    """A subject of the toy world: one of SHAPES in one of COLORS."""
 
     shape: str
     color: str
@@ -186,20 +170,20 @@ def render_backgrounds(
     return out.clamp(0, 1)
 
 
-def shape_alpha(
-    shape_ids: torch.Tensor, boxes: torch.Tensor, height: int, width: int, supersample: int = 4, scale: float = 1.0
+def sprite_alpha(
+    shape_ids: torch.Tensor, boxes: torch.Tensor, height: int, width: int, supersample: int = 4
 ) -> torch.Tensor:
-    """Anti-aliased coverage [B, K, H, W] in [0, 1] of K shapes per image; shape_ids [B, K], boxes [B, K, 4].
+    """Anti-aliased coverage [B, K, H, W] in [0, 1] of K sprites per image; shape_ids [B, K], boxes [B, K, 4].
 
-    Each shape is inscribed in the largest square (in pixels) centred in its box, shrunk by `scale`
-    (`EMBLEM_FILL` for a card's emblem): a wide box holds a round circle, not an ellipse."""
+    Each shape is inscribed in the largest square (in pixels) centred in its box: a wide box holds a
+    round circle, not an ellipse."""
     device = boxes.device
     b, k = shape_ids.shape
     hs, ws = height * supersample, width * supersample
     ys = (torch.arange(hs, device=device, dtype=torch.float32) + 0.5) / supersample  # pixel units
     xs = (torch.arange(ws, device=device, dtype=torch.float32) + 0.5) / supersample
     x0, y0, x1, y1 = (boxes[..., i].view(b, k, 1, 1) for i in range(4))
-    half = (scale * torch.minimum((x1 - x0) * width, (y1 - y0) * height) / 2).clamp_min(1e-6)
+    half = (torch.minimum((x1 - x0) * width, (y1 - y0) * height) / 2).clamp_min(1e-6)
     cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
     u = (xs.view(1, 1, 1, ws) - cx) / half  # [-1, 1] across the inscribed square
     v = (ys.view(1, 1, hs, 1) - cy) / half
@@ -217,41 +201,12 @@ def shape_alpha(
     return F.avg_pool2d(mask.view(b * k, 1, hs, ws), supersample).view(b, k, height, width)
 
 
-def card_alpha(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Exact area coverage [B, K, H, W] in [0, 1] of each box (the card fills its box)."""
-    b, k = boxes.shape[:2]
-    device = boxes.device
-
-    def overlap(lo, hi, n):  # [B, K, n]: length of [lo, hi] (in pixels) inside each pixel
-        edges = torch.arange(n, device=device, dtype=torch.float32).view(1, 1, n)
-        return (torch.minimum(hi.unsqueeze(-1) * n, edges + 1) - torch.maximum(lo.unsqueeze(-1) * n, edges)).clamp(0, 1)
-
-    ox = overlap(boxes[..., 0], boxes[..., 2], width)
-    oy = overlap(boxes[..., 1], boxes[..., 3], height)
-    return oy.view(b, k, height, 1) * ox.view(b, k, 1, width)
-
-
-def sprite_alpha(shape_ids: torch.Tensor, boxes: torch.Tensor, height: int, width: int, supersample: int = 4) -> torch.Tensor:
-    """Coverage [B, K, H, W] of each whole subject (its card, emblem included): what it hides of the scene."""
-    return card_alpha(boxes, height, width)
-
-
-def emblem_alpha(shape_ids: torch.Tensor, boxes: torch.Tensor, height: int, width: int, supersample: int = 4) -> torch.Tensor:
-    """Coverage [B, K, H, W] of each card's white emblem."""
-    return shape_alpha(shape_ids, boxes, height, width, supersample, scale=EMBLEM_FILL)
-
-
-def inscribed_box(box: "list[float]", height: int, width: int, scale: float = 1.0) -> list[float]:
-    """The normalized box of the square a shape is drawn in (see `shape_alpha`), shrunk by `scale`."""
+def inscribed_box(box: "list[float]", height: int, width: int) -> list[float]:
+    """The normalized box of the square a sprite is drawn in (see `sprite_alpha`)."""
     x0, y0, x1, y1 = box
-    side = scale * min((x1 - x0) * width, (y1 - y0) * height)
+    side = min((x1 - x0) * width, (y1 - y0) * height)
     cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
     return [(cx - side / 2) / width, (cy - side / 2) / height, (cx + side / 2) / width, (cy + side / 2) / height]
-
-
-def emblem_box(box: "list[float]", height: int, width: int) -> list[float]:
-    """The normalized box of a card's emblem."""
-    return inscribed_box(box, height, width, EMBLEM_FILL)
 
 
 def render_batch(
@@ -265,22 +220,17 @@ def render_batch(
     generator: torch.Generator | None = None,
     supersample: int = 4,
 ) -> torch.Tensor:
-    """Render B scenes [B, 3, H, W] in [0, 1]. Cards [B, K] are painted in order (later on top), each its
-    colour over its whole box, then its white emblem; `present` [B, K] (bool) switches cards off so that
-    scenes with fewer cards share a batch."""
+    """Render B scenes [B, 3, H, W] in [0, 1]. Sprites [B, K] are painted in order (later on top);
+    `present` [B, K] (bool) switches sprites off so that scenes with fewer sprites share a batch."""
     image = render_backgrounds(backgrounds, height, width, generator)
     if shape_ids.shape[1] == 0:
         return image
-    on = present.float().view(*present.shape, 1, 1)
-    cards = card_alpha(boxes, height, width) * on
-    emblems = emblem_alpha(shape_ids, boxes, height, width, supersample) * on
+    alpha = sprite_alpha(shape_ids, boxes, height, width, supersample) * present.float().view(*present.shape, 1, 1)
     palette = torch.tensor([COLORS[c] for c in COLOR_NAMES], device=image.device, dtype=torch.float32)
     rgb = palette[color_ids]  # [B, K, 3]
-    white = torch.tensor(EMBLEM_RGB, device=image.device, dtype=torch.float32).view(1, 3, 1, 1)
     for j in range(shape_ids.shape[1]):
-        a, e = cards[:, j : j + 1], emblems[:, j : j + 1]
+        a = alpha[:, j : j + 1]
         image = image * (1 - a) + rgb[:, j].view(-1, 3, 1, 1) * a
-        image = image * (1 - e) + white * e
     return image
 
 
@@ -340,7 +290,7 @@ def render_scene(
 def sprite_reference(
     sprite: "Sprite | str", size: int = 32, background: str = PLAIN_BACKGROUND, fill: float = 0.7, seed: int = 0
 ) -> Image.Image:
-    """A reference image of one subject: its card centred, `fill` of the side, on a plain (or named) backdrop."""
+    """A reference image of one sprite: centred, `fill` of the side, on a plain (or named) backdrop."""
     if not 0 < fill <= 1:
         raise ValueError(f"fill must be in (0, 1]; got {fill}")
     m = (1 - fill) / 2
