@@ -32,7 +32,7 @@ def test_stage1_framing_puts_one_sprite_scenes_in_the_whole_frame():
     images, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=1.0)
     one = [i for i, p in enumerate(prompts) if p and len(set(p.split()) & set(world.SHAPES)) == 1 and " and " not in p]
     assert one
-    for i in one:  # the card's side is >= 84% of the image (margins <= 8% each)
+    for i in one:  # the sprite's side is >= 84% of the image (margins <= 8% each)
         rows = (coverage[i] > 0.5).any(dim=1).nonzero()
         cols = (coverage[i] > 0.5).any(dim=0).nonzero()
         assert max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) >= 0.84 * 64 - 2
@@ -53,7 +53,7 @@ def test_sprite_weight_raises_the_loss_on_sprite_cells_only():
     assert losses[3] > losses[0]
 
 
-def test_card_sides_follow_the_requested_range():
+def test_sprite_sides_follow_the_requested_range():
     g = torch.Generator().manual_seed(4)
     _, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=0.0, counts=(0.0, 1.0, 0.0), sides=(0.2, 0.3))
     for cov in coverage:  # box side 0.2-0.3 at aspect ratio 0.6-1.6: each side between 0.2 * sqrt(0.6) and 0.3 * sqrt(1.6)

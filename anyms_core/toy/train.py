@@ -88,7 +88,7 @@ def _randint(high: int, shape, generator, device) -> torch.Tensor:
 
 
 STAGE1_COUNTS = (0.05, 0.8, 0.15)  # shares of stage-1 scenes with 0, 1 and 2 sprites (run 1 used 0.25/0.45/0.30)
-STAGE1_SIDES = (0.15, 0.85)  # range of a placed card's box side (fraction of the image side), stage 1
+STAGE1_SIDES = (0.15, 0.85)  # range of a placed sprite's box side (fraction of the image side), stage 1
 STAGE2_SIDES = (0.12, 0.9)  # the same, stage 2
 
 
@@ -248,7 +248,7 @@ def v_loss(
     `sprite_coverage` [n, H, W], latent cells are further weighted 1 + sprite_weight * (sprite share of
     the cell), so that the few sprite cells are not outweighed by the textured backgrounds.
     `high_noise_share` of the timesteps are drawn from [HIGH_NOISE_FROM, T) instead of [0, T): where a
-    card has just appeared in the noisy image and its emblem must be placed relative to it."""
+    sprite has just appeared in the noisy image and its shape must be decided relative to it."""
     x0 = fold(images)
     n = x0.shape[0]
     steps = alphas_cumprod.shape[0]
@@ -412,9 +412,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage1-counts", type=float, nargs=3, default=list(STAGE1_COUNTS), metavar=("P0", "P1", "P2"),
                    help="shares of stage-1 scenes with 0, 1 and 2 sprites (sum 1)")
     p.add_argument("--stage1-sides", type=float, nargs=2, default=list(STAGE1_SIDES), metavar=("LO", "HI"),
-                   help="range of a placed card's box side in stage 1 (fraction of the image side)")
+                   help="range of a placed sprite's box side in stage 1 (fraction of the image side)")
     p.add_argument("--stage2-sides", type=float, nargs=2, default=list(STAGE2_SIDES), metavar=("LO", "HI"),
-                   help="range of a placed card's box side in stage 2 (fraction of the image side)")
+                   help="range of a placed sprite's box side in stage 2 (fraction of the image side)")
     p.add_argument("--high-noise-share", type=float, default=0.0,
                    help=f"share of training timesteps drawn from [{HIGH_NOISE_FROM}, 1000) instead of [0, 1000) (both stages)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
