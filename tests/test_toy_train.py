@@ -32,7 +32,7 @@ def test_stage1_framing_puts_one_sprite_scenes_in_the_whole_frame():
     images, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=1.0)
     one = [i for i, p in enumerate(prompts) if p and len(set(p.split()) & set(world.SHAPES)) == 1 and " and " not in p]
     assert one
-    for i in one:  # the sprite's side is >= 84% of the image (margins <= 8% each)
+    for i in one:  # the inscribed square's side is >= 84% of the image (margins <= 8% each)
         rows = (coverage[i] > 0.5).any(dim=1).nonzero()
         cols = (coverage[i] > 0.5).any(dim=0).nonzero()
         assert max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) >= 0.84 * 64 - 2
@@ -56,7 +56,7 @@ def test_sprite_weight_raises_the_loss_on_sprite_cells_only():
 def test_sprite_sides_follow_the_requested_range():
     g = torch.Generator().manual_seed(4)
     _, prompts, coverage = train.stage1_batch(64, 64, g, "cpu", frame_fraction=0.0, counts=(0.0, 1.0, 0.0), sides=(0.2, 0.3))
-    for cov in coverage:  # box side 0.2-0.3 at aspect ratio 0.6-1.6: each side between 0.2 * sqrt(0.6) and 0.3 * sqrt(1.6)
+    for cov in coverage:  # box side 0.2-0.3 at aspect 0.6-1.6; the sprite spans its centred square: within 0.2 * sqrt(0.6) .. 0.3 * sqrt(1.6)
         rows, cols = (cov > 0.5).any(dim=1).nonzero(), (cov > 0.5).any(dim=0).nonzero()
         for extent in (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1):
             assert 0.2 * 0.6 ** 0.5 * 64 - 1 <= extent <= 0.3 * 1.6 ** 0.5 * 64 + 1
