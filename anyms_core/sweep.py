@@ -264,9 +264,6 @@ def _validate_case(case: Any, index: int, where: str, folder: Path) -> dict:
         if priority is not None and not _is_number(priority):
             raise SpecError(f"{there}: 'priority' must be a number, got {priority!r}")
         out.append({"image": image, "box": box, "name": label, "class": detect.strip(), "priority": priority})
-    given = [s["priority"] is not None for s in out]
-    if any(given) and not all(given):
-        raise SpecError(f"{here}: either every subject sets 'priority' or none does")
     return {"name": name, "prompt": case["prompt"], "subjects": out}
 
 

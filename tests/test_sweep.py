@@ -57,6 +57,18 @@ def test_json_and_yaml_specs_give_the_same_runs(tmp_path):
     assert load_spec({**TINY, "seeds": 3}).seeds == [0, 1, 2]
 
 
+def test_a_subject_without_priority_has_priority_0_as_in_a_case_file():
+    # The documented spec form: only the subject that must own the overlap sets a priority.
+    from anyms_core.layout import paint_order
+    from anyms_core.sweep import case_subjects
+
+    first, second = TINY["cases"][0]["subjects"]
+    spec = load_spec({**TINY, "cases": [{"prompt": "p", "subjects": [{**first, "priority": 1}, second]}]})
+    subjects = case_subjects(spec.cases[0])
+    assert [s.priority for s in subjects] == [1, None]
+    assert paint_order(subjects) == [1, 0]  # the first subject is painted last: it owns the overlap
+
+
 @pytest.mark.parametrize("change, message", [
     ({"variants": ["anyms", "crop"]}, "unknown variant 'crop'"),
     ({"seeds": [0, 0]}, "lists a seed twice"),
