@@ -153,6 +153,8 @@ def test_evaluate_toy_takes_its_documented_flags(tmp_path, capsys):
                  "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["settings"]["groups"] == ["2"] and report["settings"]["cases"] == 1
+    assert {"grid", "artefact", "fidelity"} <= set(report["groups"]["2"]["anyms"]) and "grid" in report["groups"]["2"]["ceiling"]
+    assert "`anyms` grid (rendered)" in (tmp_path / "eval.md").read_text()
 
 
 def test_train_toy_reaches_its_parser(capsys):

@@ -81,3 +81,28 @@ def test_artefact_energy_measures_the_2x2_alternating_pattern():
     checker = flat + 0.1 * ((np.indices((64, 64)).sum(0) % 2) * 2 - 1)[..., None]
     assert metrics.artefact_energy(flat) == 0.0
     assert abs(metrics.artefact_energy(checker) - 0.04) < 1e-6  # ((4 * 0.1) / 2)^2
+
+
+def test_grid_measures_steps_at_the_fold_block_edges():
+    rng = np.random.default_rng(0)
+    blocks = np.kron(rng.random((16, 16, 3)), np.ones((4, 4, 1)))  # constant over each 4x4 fold block
+    across, within = metrics.grid_means(blocks)
+    assert within == 0.0 and across > 0.1
+    assert metrics.grid_ratio(across, within) > 100
+    shifted = np.roll(blocks, 2, axis=(0, 1))  # the same steps, half-way between block edges
+    across, within = metrics.grid_means(shifted)
+    assert across == 0.0 and metrics.grid_ratio(across, within) < 0.1
+    ramp = np.broadcast_to(np.linspace(0, 1, 64)[None, :, None], (64, 64, 3))  # equal steps everywhere
+    across, within = metrics.grid_means(ramp)
+    assert abs(across - within) < 1e-6 and abs(metrics.grid_ratio(across, within) - 1) < 1e-5
+    assert metrics.grid_ratio(0.0, 0.0) == 1.0  # a flat image has no grid
+
+
+def test_grid_of_a_set_is_the_ratio_of_its_means():
+    cases = world.make_cases(2, 6, seed=0)
+    scores = [metrics.score_case(c.render(), c) for c in cases]
+    across, within = np.mean([s["grid_means"] for s in scores], axis=0)
+    assert abs(_means(scores)["grid"] - metrics.grid_ratio(across, within)) <= 5e-5  # summarize rounds to 4 digits
+    rng = np.random.default_rng(1)
+    blocky = [np.kron(rng.random((16, 16, 3)), np.ones((4, 4, 1))) for _ in cases]
+    assert _means([metrics.score_case(b, c) for b, c in zip(blocky, cases)])["grid"] > 5 * _means(scores)["grid"]

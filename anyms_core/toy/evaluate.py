@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import metrics, world
 
-METRICS = ("placed", "iou", "identity", "shape", "ap50", "background", "all_placed", "fidelity", "artefact")
+METRICS = ("placed", "iou", "identity", "shape", "ap50", "background", "all_placed", "fidelity", "artefact", "grid")
 SIZE_BUCKETS = ((0.125, 0.2), (0.2, 0.3), (0.3, 1.01))  # a box's shortest side, fraction of the image side
 
 
@@ -306,15 +306,19 @@ def ordering_table(groups: dict, pairs=(("anyms", "mask"), ("mask", "none"), ("a
 
 
 def fidelity_table(groups: dict, variants: list[str]) -> str:
-    """Image fidelity and the 2x2 artefact energy of each variant relative to the rendered scenes."""
-    lines = ["| group | " + " | ".join(f"`{v}` fidelity / rendered" for v in variants) + " | `anyms` artefact / rendered |",
-             "|---|" + "---|" * (len(variants) + 1)]
+    """Image fidelity and the 2x2 artefact energy of each variant relative to the rendered scenes, and the
+    4-px block grid ratio of `anyms` next to the rendered scenes' (~1: no grid)."""
+    lines = ["| group | " + " | ".join(f"`{v}` fidelity / rendered" for v in variants)
+             + " | `anyms` artefact / rendered | `anyms` grid (rendered) |",
+             "|---|" + "---|" * (len(variants) + 2)]
     for group, entry in groups.items():
         ref = entry["ceiling"]["fidelity"]["mean"]
         cells = [f"{entry[v]['fidelity']['mean'] / ref:.2f}" for v in variants]
         art = entry.get("anyms", {}).get("artefact")
         art_ratio = f"{art['mean'] / entry['ceiling']['artefact']['mean']:.2f}" if art else "-"
-        lines.append(f"| {group} | " + " | ".join(cells) + f" | {art_ratio} |")
+        grid = entry.get("anyms", {}).get("grid")
+        grid_cell = f"{grid['mean']:.2f} ({entry['ceiling']['grid']['mean']:.2f})" if grid and "grid" in entry["ceiling"] else "-"
+        lines.append(f"| {group} | " + " | ".join(cells) + f" | {art_ratio} | {grid_cell} |")
     return "\n".join(lines)
 
 
