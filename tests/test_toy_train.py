@@ -144,3 +144,29 @@ def test_align_steps_run_before_stage_two(tmp_path):
     plain = train.main(["--out", str(tmp_path / "plain"), "--stage1-steps", "0", "--stage2-steps", "0",
                         "--batch-size", "2", "--size", "32", "--check-images", "0", "--align-steps", "0"])
     assert plain["align_loss"] is None
+
+
+def test_edge_weight_adds_the_loss_on_pixel_differences():
+    class Constant(torch.nn.Module):  # predicts a fixed clean image, whatever the input
+        def __init__(self, prediction):
+            super().__init__()
+            self.prediction = prediction
+
+        def forward(self, x_t, t, **kwargs):
+            return (self.prediction,)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    alphas = torch.linspace(0.999, 0.0, 1000)
+    error = torch.kron(torch.rand(2, 3, 4, 4, generator=g), torch.ones(4, 4))  # constant over each fold block
+    model = Constant(train.fold(images + error))
+    plain, edged = (train.v_loss(model, images, None, alphas, torch.Generator().manual_seed(1), edge_weight=w)
+                    for w in (0.0, 2.0))
+    t = torch.randint(0, 1000, (2,), generator=torch.Generator().manual_seed(1))  # v_loss's own draw
+    snr = alphas[t] / (1 - alphas[t]).clamp_min(1e-8)
+    weight = (1 + snr.clamp(max=4.0)).view(2, 1, 1, 1)
+    assert torch.allclose(plain, (error**2 * weight).mean())
+    edges = (error.diff(dim=-1) ** 2 * weight).mean() + (error.diff(dim=-2) ** 2 * weight).mean()
+    assert edges > 0 and torch.allclose(edged, plain + 2.0 * edges)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--edge-weight", "-1"])

@@ -50,6 +50,7 @@ from .pipeline import (
     ToyWorldPipeline,
     build_components,
     fold,
+    unfold,
     IP_ADAPTER_WEIGHT_NAME,
     initial_ip_adapter_state_dict,
     load_toy_pipeline,
@@ -241,14 +242,17 @@ HIGH_NOISE_FROM = 600  # --high-noise-share draws that share of timesteps from [
 
 def v_loss(
     unet, images, text_embeds, alphas_cumprod, generator, added_cond_kwargs=None, sprite_coverage=None, sprite_weight=0.0,
-    high_noise_share: float = 0.0,
+    high_noise_share: float = 0.0, edge_weight: float = 0.0,
 ) -> torch.Tensor:
     """Clean-image (x0) prediction loss, weighted 1 + min(SNR, 4): the weight grows towards low noise,
     where edges and shapes are decided, but never lets the near-clean steps dominate. With
     `sprite_coverage` [n, H, W], latent cells are further weighted 1 + sprite_weight * (sprite share of
     the cell), so that the few sprite cells are not outweighed by the textured backgrounds.
     `high_noise_share` of the timesteps are drawn from [HIGH_NOISE_FROM, T) instead of [0, T): where a
-    sprite has just appeared in the noisy image and its shape must be decided relative to it."""
+    sprite has just appeared in the noisy image and its shape must be decided relative to it.
+    `edge_weight` adds that weight times the same loss on the pixel image's horizontal and vertical
+    differences: an error constant over a 4x4 fold block is a step at the block's edge there (the
+    visible 4-px grid), and sprite outlines are differences too."""
     x0 = fold(images)
     n = x0.shape[0]
     steps = alphas_cumprod.shape[0]
@@ -264,7 +268,13 @@ def v_loss(
     if sprite_coverage is not None and sprite_weight > 0:
         cells = F.avg_pool2d(sprite_coverage.unsqueeze(1).float(), images.shape[-1] // x0.shape[-1])
         weight = weight * (1 + sprite_weight * cells)
-    return ((pred.float() - x0.float()) ** 2 * weight).mean()
+    loss = ((pred.float() - x0.float()) ** 2 * weight).mean()
+    if edge_weight > 0:
+        error = unfold(pred.float()) - images.float()
+        sample_weight = weight.mean(dim=(1, 2, 3), keepdim=True)
+        edges = (error.diff(dim=-1) ** 2 * sample_weight).mean() + (error.diff(dim=-2) ** 2 * sample_weight).mean()
+        loss = loss + edge_weight * edges
+    return loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="range of a placed sprite's box side in stage 2 (fraction of the image side)")
     p.add_argument("--high-noise-share", type=float, default=0.0,
                    help=f"share of training timesteps drawn from [{HIGH_NOISE_FROM}, 1000) instead of [0, 1000) (both stages)")
+    p.add_argument("--edge-weight", type=float, default=0.0,
+                   help="weight of the loss on pixel differences (block edges, outlines), both stages (0: off)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
     p.add_argument("--align-steps", type=int, default=2000,
@@ -444,8 +456,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         lo, hi = getattr(args, flag)
         if not 0 < lo <= hi <= 1:
             p.error(f"--{flag.replace('_', '-')} must be 0 < LO <= HI <= 1, got {lo} {hi}")
-    if args.sprite_weight < 0:
-        p.error(f"--sprite-weight must be >= 0, got {args.sprite_weight}")
+    for flag in ("sprite_weight", "edge_weight"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.init_from is not None and not (Path(args.init_from) / "unet" / "config.json").exists():
         p.error(f"--init-from {args.init_from}: not a toy-world weights folder (no unet/config.json)")
     return args
@@ -588,7 +601,7 @@ def main(argv=None) -> dict:
                 text_embeds = pipe.text_encoder(ids)[0]
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator,
                               sprite_coverage=coverage, sprite_weight=args.sprite_weight,
-                              high_noise_share=args.high_noise_share)
+                              high_noise_share=args.high_noise_share, edge_weight=args.edge_weight)
             else:
                 images, prompts, refs, keep = stage2_batch(args.batch_size, args.size, generator, device, args.frame_fraction,
                                                            tuple(args.stage2_sides))
@@ -597,7 +610,7 @@ def main(argv=None) -> dict:
                 image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
                 added = {"image_embeds": [image_embeds.unsqueeze(1)]}  # [B, 1 image, dim], one adapter
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator, added,
-                              high_noise_share=args.high_noise_share)
+                              high_noise_share=args.high_noise_share, edge_weight=args.edge_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
