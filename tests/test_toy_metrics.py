@@ -106,3 +106,5 @@ def test_grid_of_a_set_is_the_ratio_of_its_means():
     rng = np.random.default_rng(1)
     blocky = [np.kron(rng.random((16, 16, 3)), np.ones((4, 4, 1))) for _ in cases]
     assert _means([metrics.score_case(b, c) for b, c in zip(blocky, cases)])["grid"] > 5 * _means(scores)["grid"]
+    older = [{k: v for k, v in sc.items() if k != "grid_means"} for sc in scores]  # scores saved before `grid`
+    assert "grid" not in metrics.summarize(older, bootstrap=0)

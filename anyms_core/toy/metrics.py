@@ -342,18 +342,18 @@ def average_precision(scores: list[dict], iou_threshold: float = PLACED_IOU) -> 
 
 
 def summarize(scores: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
-    """Means with 95% CIs (bootstrap over cases) of IoU, placed, AP50, identity, background, all-placed."""
+    """Means with 95% CIs (bootstrap over cases) of IoU, placed, AP50, identity, background, all-placed,
+    fidelity, artefact, grid (when every score has `grid_means`) and overlap ownership (when there are overlaps)."""
     rng = np.random.default_rng(seed)
     n = len(scores)
 
     def mean(values) -> float:
         return float(np.mean(values)) if len(values) else float("nan")
 
+    with_grid = bool(scores) and all("grid_means" in sc for sc in scores)  # absent in scores saved before it
+
     def _set_grid_ratio(subset) -> float:
-        means = [sc["grid_means"] for sc in subset if "grid_means" in sc]  # absent in scores saved before it
-        if not means:
-            return float("nan")
-        across, within = np.mean(means, axis=0)
+        across, within = np.mean([sc["grid_means"] for sc in subset], axis=0)
         return grid_ratio(float(across), float(within))
 
     def stats(indices, with_ap: bool = True) -> dict:
@@ -371,8 +371,9 @@ def summarize(scores: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
             "ap50": average_precision(subset) if with_ap else float("nan"),
             "fidelity": mean([sc["fidelity"] for sc in subset]),
             "artefact": mean([sc["artefact"] for sc in subset]),
-            "grid": _set_grid_ratio(subset),
         }
+        if with_grid:
+            out["grid"] = _set_grid_ratio(subset)
         if overlaps:
             out["overlap_owned"] = mean([o["owned"] for o in overlaps])
             out["overlap_color_owned"] = mean([o["color_owned"] for o in overlaps])
