@@ -96,6 +96,9 @@ def test_grid_measures_steps_at_the_fold_block_edges():
     across, within = metrics.grid_means(ramp)
     assert abs(across - within) < 1e-6 and abs(metrics.grid_ratio(across, within) - 1) < 1e-5
     assert metrics.grid_ratio(0.0, 0.0) == 1.0  # a flat image has no grid
+    from anyms_core.toy.pipeline import FOLD
+
+    assert metrics.GRID_PERIOD == FOLD  # the grid's period is the model's fold
 
 
 def test_grid_of_a_set_is_the_ratio_of_its_means():

@@ -215,7 +215,7 @@ def artefact_energy(image) -> float:
     return float((hh**2).mean())
 
 
-GRID_PERIOD = 4  # pipeline.FOLD: the side of the pixel block one latent cell holds
+GRID_PERIOD = 4  # pipeline.FOLD (the pixel block one latent cell holds), not imported: it would import diffusers
 GRID_FLOOR = 1e-3  # added to both means, so that a flat image scores 1, not 0 / 0
 
 
