@@ -30,12 +30,28 @@ def test_a_model_that_sees_the_condition_scores_other_than_one(fresh_pipe):
         assert ratios[900] > 0 and ratios[900] != 1.0  # random weights: some dependence, either way
 
 
+def test_boxed_reads_the_reference_only_through_anyms_inside_the_box(fresh_pipe, monkeypatch):
+    from anyms_core.processor import AnyMSAttnProcessor
+
+    original = dict(fresh_pipe.unet.attn_processors)
+    boxed = shape_reliance(fresh_pipe, "boxed", n=3, timesteps=(900,))
+    anywhere = shape_reliance(fresh_pipe, "image", n=3, timesteps=(900,), framed=False)  # the same scenes
+    assert boxed[900] != 1.0 and boxed[900] != anywhere[900]  # masked to the box: not the stock adapter
+    assert dict(fresh_pipe.unet.attn_processors) == original  # every session closed
+    assert not any(isinstance(p, AnyMSAttnProcessor) for p in fresh_pipe.unet.attn_processors.values())
+    # an image encoder blind to its input: right and wrong references give the same tokens
+    encode = fresh_pipe.image_encoder.forward
+    monkeypatch.setattr(fresh_pipe.image_encoder, "forward", lambda pixels, *a, **k: encode(torch.zeros_like(pixels), *a, **k))
+    assert shape_reliance(fresh_pipe, "boxed", n=3, timesteps=(900,)) == {900: 1.0}
+
+
 def test_bad_requests_fail_loudly(fresh_pipe):
     with pytest.raises(ValueError, match="source"):
         shape_reliance(fresh_pipe, "audio", n=2)
     base = train.build_pipeline(0, torch.device("cpu"), with_adapter=False)
-    with pytest.raises(ValueError, match="IP-Adapter"):
-        shape_reliance(base, "image", n=2)
+    for source in ("image", "boxed"):
+        with pytest.raises(ValueError, match="IP-Adapter"):
+            shape_reliance(base, source, n=2)
     assert set(shape_reliance(base, "text", n=2, timesteps=(700,))) == {700}
 
 

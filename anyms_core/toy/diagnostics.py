@@ -10,7 +10,10 @@ right shape with the error when it is told a wrong one (same colour, same backgr
 A model that ignores shape gives 1.0 at every t; one that draws the named shape gives clearly more at high
 noise (t >= 800), where the image itself no longer shows the shape. `source="text"` tells the shape by the
 prompt ("a photo of a red triangle on grass", no reference image: the base); `source="image"` by the
-reference image, with a prompt naming only the background (the adapter, at the pipeline's current scale).
+reference image, with a prompt naming only the background (the adapter, at the pipeline's current scale);
+`source="boxed"` by the reference image injected through AnyMS into the sprite's own box only (one subject,
+crop-and-merge): the situation of every subject in an AnyMS image, and the one the adapter never saw in
+training. That sprite is always placed anywhere (`framed` is ignored).
 
     anyms diagnose-toy [WEIGHTS_DIR]        # = python -m anyms_core.toy.diagnostics
 """
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from . import world
 from .pipeline import fold, unfold
 
-_SOURCES = ("text", "image")
+_SOURCES = ("text", "image", "boxed")
 
 
 def _scenes(n: int, framed: bool, generator: torch.Generator):
@@ -44,7 +47,7 @@ def _scenes(n: int, framed: bool, generator: torch.Generator):
     alpha = world.sprite_alpha(shapes, boxes, 64, 64, 2)[:, 0]
     # the sprite and a 4-pixel ring around it: where a wrong shape differs from the right one
     region = (F.max_pool2d(alpha[:, None], 9, 1, 4)[:, 0] > 0).float()
-    return backgrounds, shapes[:, 0], colors[:, 0], wrong, images, region
+    return backgrounds, shapes[:, 0], colors[:, 0], wrong, images, region, boxes[:, 0]
 
 
 @torch.no_grad()
@@ -59,14 +62,15 @@ def shape_reliance(
     """{t: error(wrong shape) / error(right shape)} for `n` one-sprite scenes (see the module docstring)."""
     if source not in _SOURCES:
         raise ValueError(f"source must be one of {_SOURCES}; got {source!r}")
-    if source == "image" and pipe.unet.encoder_hid_proj is None:
-        raise ValueError("source='image' needs a pipeline with its IP-Adapter loaded")
+    if source != "text" and pipe.unet.encoder_hid_proj is None:
+        raise ValueError(f"source={source!r} needs a pipeline with its IP-Adapter loaded")
+    framed = framed and source != "boxed"
     from diffusers import DDPMScheduler
 
     device = pipe.device
     alphas = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.to(device)
     generator = torch.Generator().manual_seed(seed)
-    backgrounds, shapes, colors, wrong, images, region = _scenes(n, framed, generator)
+    backgrounds, shapes, colors, wrong, images, region, boxes = _scenes(n, framed, generator)
     images, region = images.to(device), region.to(device)
 
     def text_embeds(prompts: list[str]) -> torch.Tensor:
@@ -90,7 +94,22 @@ def shape_reliance(
             pixels = pipe.feature_extractor(references, return_tensors="pt").pixel_values.to(device)
             image_embeds = pipe.image_encoder(pixels).image_embeds.unsqueeze(1)
         added = {"image_embeds": [image_embeds]} if pipe.unet.encoder_hid_proj is not None else None
-        conditions[label] = (text_embeds(prompts), added)
+        conditions[label] = (text_embeds(prompts), added, references if source == "boxed" else None)
+
+    def predict(x_t, t, embeds, added, references):
+        timestep = torch.full((x_t.shape[0],), t, device=device)
+        if references is None:
+            return pipe.unet(x_t, timestep, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
+        from ..layout import Subject
+        from ..session import decoupled
+
+        preds = []
+        for i, reference in enumerate(references):  # one session per scene: each has its own box
+            with decoupled(pipe, [Subject(reference, boxes[i].tolist())]):
+                preds.append(pipe.unet(x_t[i:i + 1], timestep[i:i + 1], encoder_hidden_states=embeds[i:i + 1],
+                                       added_cond_kwargs={"image_embeds": [added["image_embeds"][0][i:i + 1]]},
+                                       return_dict=False)[0])
+        return torch.cat(preds)
 
     x0 = fold(images)
     ratios = {}
@@ -99,9 +118,8 @@ def shape_reliance(
         a = alphas[t]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         errors = {}
-        for label, (embeds, added) in conditions.items():
-            pred = pipe.unet(x_t, torch.full((n,), t, device=device), encoder_hidden_states=embeds,
-                             added_cond_kwargs=added, return_dict=False)[0]
+        for label, (embeds, added, references) in conditions.items():
+            pred = predict(x_t, t, embeds, added, references)
             error = ((unfold(pred) - images) ** 2).mean(dim=1)
             errors[label] = ((error * region).sum() / region.sum()).item()
         ratios[t] = round(errors["wrong"] / errors["right"], 4)
@@ -131,9 +149,10 @@ def main(argv=None) -> dict:
         pipe.set_ip_adapter_scale(args.ip_adapter_scale)
     result = {
         f"{source}, {'framed' if framed else 'placed anywhere'}": shape_reliance(pipe, source, args.cases, framed=framed)
-        for source in _SOURCES
+        for source in ("text", "image")
         for framed in (True, False)
     }
+    result["image, only in its AnyMS box"] = shape_reliance(pipe, "boxed", args.cases)
     print("error with a wrong shape / error with the right shape (1.0 = shape ignored), per timestep")
     for label, ratios in result.items():
         print(f"  {label:28s} " + "  ".join(f"t={t}: {r:.3f}" for t, r in ratios.items()))
