@@ -49,6 +49,8 @@ def test_bad_requests_fail_loudly(fresh_pipe):
     with pytest.raises(ValueError, match="source"):
         shape_reliance(fresh_pipe, "audio", n=2)
     base = train.build_pipeline(0, torch.device("cpu"), with_adapter=False)
+    with pytest.raises(ValueError, match="framed"):
+        shape_reliance(fresh_pipe, "boxed", n=2, framed=True)
     for source in ("image", "boxed"):
         with pytest.raises(ValueError, match="IP-Adapter"):
             shape_reliance(base, source, n=2)

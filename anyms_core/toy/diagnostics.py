@@ -13,7 +13,8 @@ prompt ("a photo of a red triangle on grass", no reference image: the base); `so
 reference image, with a prompt naming only the background (the adapter, at the pipeline's current scale);
 `source="boxed"` by the reference image injected through AnyMS into the sprite's own box only (one subject,
 crop-and-merge): the situation of every subject in an AnyMS image, and the one the adapter never saw in
-training. That sprite is always placed anywhere (`framed` is ignored).
+training. Its sprite is placed anywhere: framed, the box would be nearly the whole image, which `source="image"`
+already measures.
 
     anyms diagnose-toy [WEIGHTS_DIR]        # = python -m anyms_core.toy.diagnostics
 """
@@ -56,15 +57,20 @@ def shape_reliance(
     source: str = "text",
     n: int = 48,
     timesteps: tuple[int, ...] = (600, 800, 950),
-    framed: bool = True,
+    framed: bool | None = None,
     seed: int = 0,
 ) -> dict[int, float]:
-    """{t: error(wrong shape) / error(right shape)} for `n` one-sprite scenes (see the module docstring)."""
+    """{t: error(wrong shape) / error(right shape)} for `n` one-sprite scenes (see the module docstring).
+
+    `framed` (default: True for "text" and "image", False for "boxed") inscribes the sprite in the whole image."""
     if source not in _SOURCES:
         raise ValueError(f"source must be one of {_SOURCES}; got {source!r}")
     if source != "text" and pipe.unet.encoder_hid_proj is None:
         raise ValueError(f"source={source!r} needs a pipeline with its IP-Adapter loaded")
-    framed = framed and source != "boxed"
+    if source == "boxed" and framed:
+        raise ValueError("source='boxed' places its sprite anywhere; framed, its box would be nearly the whole image "
+                         "(measure that with source='image', framed=True)")
+    framed = source != "boxed" if framed is None else framed
     from diffusers import DDPMScheduler
 
     device = pipe.device
