@@ -170,3 +170,19 @@ def test_edge_weight_adds_the_loss_on_pixel_differences():
     assert edges > 0 and torch.allclose(edged, plain + 2.0 * edges)
     with pytest.raises(SystemExit):
         train.parse_args(["--out", "x", "--edge-weight", "-1"])
+
+
+def test_quick_check_reports_shape_use_framed_and_where_anyms_needs_it():
+    torch.set_num_threads(1)
+    pipes = {}
+    for stage in (1, 2):  # as in training: stage 1 has no adapter loaded
+        pipes[stage] = train.build_pipeline(0, torch.device("cpu"), with_adapter=stage == 2)
+        pipes[stage].unet.eval()
+        pipes[stage].set_progress_bar_config(disable=True)
+    base, images = train.quick_check(pipes[1], 1, n=1, seed=0)
+    assert set(base) == {"background", "shape_reliance", "shape_reliance_anywhere"} and len(images) == 1
+    adapter, _ = train.quick_check(pipes[2], 2, n=1, seed=0)
+    assert {"subject_found", "shape_ok", "shape_reliance", "shape_reliance_in_box"} <= set(adapter)
+    # random weights see their condition a little, either way; the two measurements are different scenes
+    assert all(r > 0 and r != 1.0 for r in (base["shape_reliance_anywhere"], adapter["shape_reliance_in_box"]))
+    assert adapter["shape_reliance"] != adapter["shape_reliance_in_box"]

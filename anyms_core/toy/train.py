@@ -379,10 +379,18 @@ def quick_check(pipe: ToyWorldPipeline, stage: int, n: int, seed: int) -> tuple[
             rows["subject_found"].append(float(found is not None))
             rows["shape_ok"].append(float(found is not None and found.shape == case.sprites[0].shape))
     summary = {k: round(sum(v) / len(v), 3) for k, v in rows.items() if v}
-    # Is the shape learned at all? Error with a wrong shape / with the right one, framed sprites at t=900
-    # (1.0 = shape ignored; see diagnostics.py). Stage 1 tells the shape by the prompt, stage 2 by the reference.
-    ratio = shape_reliance(pipe, "text" if stage == 1 else "image", n=16, timesteps=(900,), seed=seed)[900]
-    summary["shape_reliance"] = ratio
+    # Is the shape learned at all? Error with a wrong shape / with the right one at t=900 (1.0 = shape
+    # ignored; see diagnostics.py), for framed sprites and for what AnyMS needs: stage 1 tells the shape by
+    # the prompt (and for a sprite placed anywhere), stage 2 by the reference (and only inside its own box).
+    def ratio(source: str, **kwargs) -> float:
+        return shape_reliance(pipe, source, n=16, timesteps=(900,), seed=seed, **kwargs)[900]
+
+    if stage == 1:
+        summary["shape_reliance"] = ratio("text")
+        summary["shape_reliance_anywhere"] = ratio("text", framed=False)
+    else:
+        summary["shape_reliance"] = ratio("image")
+        summary["shape_reliance_in_box"] = ratio("boxed")
     return summary, images
 
 
