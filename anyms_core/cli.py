@@ -40,7 +40,7 @@ DELEGATED = {"train-toy": "anyms_core.toy.train", "evaluate-toy": "anyms_core.to
 DELEGATED_HELP = {
     "train-toy": "train the toy-world model",
     "evaluate-toy": "evaluate the variants in the toy world",
-    "diagnose-toy": "does a toy model use the shape it is told (by text, by reference image, by reference inside its AnyMS box)?",
+    "diagnose-toy": "does a toy model use the shape it is told (by text, by reference image, by reference inside its AnyMS box), and what does it draw in a box?",
     "sweep": "generate every (case, variant, seed) of a spec into run folders, resumable, on one or many processes",
     "score": "score a sweep folder: per-image tables, 95%% CIs, Fig. 4-style plots",
 }
