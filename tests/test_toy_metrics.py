@@ -111,3 +111,23 @@ def test_grid_of_a_set_is_the_ratio_of_its_means():
     assert _means([metrics.score_case(b, c) for b, c in zip(blocky, cases)])["grid"] > 5 * _means(scores)["grid"]
     older = [{k: v for k, v in sc.items() if k != "grid_means"} for sc in scores]  # scores saved before `grid`
     assert "grid" not in metrics.summarize(older, bootstrap=0)
+
+
+def test_framed_silhouette_share_and_placement_by_it():
+    from anyms_core.toy.evaluate import by_framed_silhouette, framed_silhouette_share
+
+    assert framed_silhouette_share("square", [0.3, 0.3, 0.6, 0.6]) == 1.0
+    assert framed_silhouette_share("triangle", [0.0, 0.0, 0.2, 0.2]) == 0.0  # beside the apex
+    assert framed_silhouette_share("triangle", [0.4, 0.7, 0.6, 0.9]) == 1.0  # above the base
+    assert framed_silhouette_share("cross", [0.05, 0.05, 0.3, 0.3]) == 0.0  # between two arms
+    subjects = [
+        {"sprite": "red square", "target": [0.0, 0.0, 0.2, 0.2], "placed": True},
+        {"sprite": "cyan triangle", "target": [0.0, 0.0, 0.2, 0.2], "placed": False},
+        {"sprite": "lime cross", "target": [0.05, 0.05, 0.3, 0.3], "placed": True},
+        {"sprite": "lime triangle", "target": [0.4, 0.7, 0.6, 0.9], "placed": True},
+    ]
+    rows = by_framed_silhouette([{"subjects": subjects[:2]}, {"subjects": subjects[2:]}])
+    assert {k: (v["placed"], v["subjects"]) for k, v in rows.items()} == {
+        "squares, box outside the cross": (1.0, 1), "other shapes, box inside": (1.0, 1),
+        "other shapes, box outside": (0.5, 2)}
+    assert rows["other shapes, box outside"]["ci95"][0] < 0.5 < rows["other shapes, box outside"]["ci95"][1]

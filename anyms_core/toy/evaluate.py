@@ -104,6 +104,44 @@ def by_box_size(scores: list[dict]) -> dict:
     return out
 
 
+# An object-centric training sprite's mean box (margins 0-8% of the image; train.py) and the share of a box that
+# must lie inside a framed silhouette for the box to count as inside it.
+FRAMED_BOX = (0.04, 0.04, 0.96, 0.96)
+SILHOUETTE_INSIDE = 0.7
+
+
+def framed_silhouette_share(shape: str, box: list[float], size: int = 64) -> float:
+    """The share of `box` covered by `shape` drawn framed (inscribed in FRAMED_BOX), as the model saw most
+    sprites in training: where a subject lands if the model draws the piece of its full-frame sprite that
+    falls in the box (diagnostics.frame_relative_shape)."""
+    shapes = torch.tensor([[world.SHAPES.index(shape)]])
+    alpha = world.sprite_alpha(shapes, torch.tensor([[FRAMED_BOX]]), size, size, 2)[0, 0]
+    x0, y0, x1, y1 = (int(round(v * size)) for v in box)
+    return float(alpha[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean())
+
+
+SILHOUETTE_BUCKETS = ("other shapes, box inside", "other shapes, box outside",
+                      "squares, box inside the cross", "squares, box outside the cross")
+
+
+def by_framed_silhouette(scores: list[dict]) -> dict:
+    """Placement of non-square subjects whose box lies inside (>= SILHOUETTE_INSIDE of it) or outside their
+    own shape's framed silhouette. The control, position alone: squares (whose framed silhouette covers nearly
+    every box), split by the framed cross's silhouette, the shape with the most cut away."""
+    buckets: dict[str, list[bool]] = {k: [] for k in SILHOUETTE_BUCKETS}
+    for sc in scores:
+        for s in sc["subjects"]:
+            shape = s["sprite"].split()[1]
+            if shape == "square":
+                inside = framed_silhouette_share("cross", s["target"]) >= SILHOUETTE_INSIDE
+                buckets[f"squares, box {'inside' if inside else 'outside'} the cross"].append(s["placed"])
+            else:
+                inside = framed_silhouette_share(shape, s["target"]) >= SILHOUETTE_INSIDE
+                buckets[f"other shapes, box {'inside' if inside else 'outside'}"].append(s["placed"])
+    return {k: {"placed": round(sum(v) / len(v), 4), "ci95": wilson(sum(v), len(v)), "subjects": len(v)}
+            for k, v in buckets.items() if v}
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     """95% Wilson interval of a proportion k/n."""
     if n == 0:
@@ -172,13 +210,16 @@ def evaluate(
         ceiling = [metrics.score_case(c.render(size), c) for c in cases]
         entry = {"ceiling": metrics.summarize(ceiling, bootstrap)}
         sizes = {"ceiling": by_box_size(ceiling)}
+        silhouettes = {"ceiling": by_framed_silhouette(ceiling)}
         listing = {}
         for variant in variants:
             entry[variant] = metrics.summarize(raw[(group, variant)], bootstrap)
             sizes[variant] = by_box_size(raw[(group, variant)])
+            silhouettes[variant] = by_framed_silhouette(raw[(group, variant)])
             if group.startswith("overlap-"):
                 listing[variant] = ownership_by_listing(raw[(group, variant)])
         entry["placed_by_box_size"] = sizes
+        entry["placed_by_framed_silhouette"] = silhouettes
         if listing:
             entry["overlap_by_listing"] = listing
         results["groups"][group] = entry
@@ -278,6 +319,18 @@ def size_table(groups: dict, variant: str = "anyms") -> str:
         sizes = entry["placed_by_box_size"].get(variant, {})
         cells = [f"{sizes[b]['placed']:.2f} [{sizes[b]['ci95'][0]:.2f}, {sizes[b]['ci95'][1]:.2f}] (n={sizes[b]['subjects']})"
                  if b in sizes else "-" for b in buckets]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def silhouette_table(groups: dict, variant: str = "anyms") -> str:
+    """Placement by whether a box lies inside its subject's framed silhouette, for one variant."""
+    buckets = SILHOUETTE_BUCKETS
+    lines = ["| group | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+    for group, entry in groups.items():
+        rows = entry.get("placed_by_framed_silhouette", {}).get(variant, {})
+        cells = [f"{rows[b]['placed']:.2f} [{rows[b]['ci95'][0]:.2f}, {rows[b]['ci95'][1]:.2f}] (n={rows[b]['subjects']})"
+                 if b in rows else "-" for b in buckets]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -523,6 +576,15 @@ def main(argv=None) -> dict:
         "## Placement by box size (`anyms`; Wilson 95% CI)",
         "",
         size_table(report["groups"], "anyms"),
+        "",
+        "## Placement by the subject's framed silhouette (`anyms`; Wilson 95% CI)",
+        "",
+        "A box is *inside* when at least 70% of it lies in the silhouette of its subject's own shape drawn framed "
+        "(inscribed in the whole image, as most training sprites were): where the piece of the full-frame sprite "
+        "that falls in the box is the sprite's colour (`diagnostics.frame_relative_shape`). Squares, split by the "
+        "framed cross's silhouette, are the control: what the box's position alone does.",
+        "",
+        silhouette_table(report["groups"], "anyms"),
         "",
         "## The paper's Table 2 ordering (`anyms` > `mask` > `none`)",
         "",
