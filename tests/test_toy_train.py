@@ -183,6 +183,7 @@ def test_quick_check_reports_shape_use_framed_and_where_anyms_needs_it():
     assert set(base) == {"background", "shape_reliance", "shape_reliance_anywhere"} and len(images) == 1
     adapter, _ = train.quick_check(pipes[2], 2, n=1, seed=0)
     assert {"subject_found", "shape_ok", "shape_reliance", "shape_reliance_in_box"} <= set(adapter)
+    assert all(0 <= adapter[k] <= 1 for k in ("first_step_inscribed", "first_step_framed_crop"))
     # random weights see their condition a little, either way; the two measurements are different scenes
     assert all(r > 0 and r != 1.0 for r in (base["shape_reliance_anywhere"], adapter["shape_reliance_in_box"]))
     assert adapter["shape_reliance"] != adapter["shape_reliance_in_box"]

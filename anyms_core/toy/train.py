@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import world
-from .diagnostics import shape_reliance
+from .diagnostics import frame_relative_shape, shape_reliance
 from .pipeline import (
     LATENT_CHANNELS,
     ToyWorldPipeline,
@@ -391,6 +391,11 @@ def quick_check(pipe: ToyWorldPipeline, stage: int, n: int, seed: int) -> tuple[
     else:
         summary["shape_reliance"] = ratio("image")
         summary["shape_reliance_in_box"] = ratio("boxed")
+        # and where the in-box shape comes from at the first step: the sprite inscribed in the box (what AnyMS
+        # needs) or the crop of the model's own framed prediction (IoU inside the box; diagnostics.py)
+        first_step = frame_relative_shape(pipe, n=8, seed=seed)["all"]
+        summary["first_step_inscribed"] = first_step["inscribed"]
+        summary["first_step_framed_crop"] = first_step["framed_crop"]
     return summary, images
 
 
