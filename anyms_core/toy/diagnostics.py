@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
           "inscribed in the box, (framed crop) the model's own prediction without the box, cropped to it")
     for label, row in result["frame_relative_shape"].items():
         print(f"  {label:9s} inscribed {row['inscribed']:.2f}  framed crop {row['framed_crop']:.2f}  "
-              f"whole box {row['whole_box']:.2f}  ({row['cases']} cases)")
+              f"whole box {row['whole_box']:.2f}  (n={row['cases']})")
     return result
 
 
