@@ -47,7 +47,7 @@ def _scenes(n: int, framed: bool, generator: torch.Generator):
     colors = torch.randint(0, len(world.COLOR_NAMES), (n, 1), generator=generator)
     wrong = (shapes[:, 0] + 1 + torch.randint(0, len(world.SHAPES) - 1, (n,), generator=generator)) % len(world.SHAPES)
     if framed:  # the sprite inscribed in the whole image: its place is known, only its shape is not
-        boxes = torch.tensor([0.04, 0.04, 0.96, 0.96]).expand(n, 1, 4).clone()
+        boxes = torch.tensor(world.FRAMED_BOX).expand(n, 1, 4).clone()
     else:
         side = 0.3 + 0.4 * torch.rand(n, generator=generator)
         x0, y0 = (1 - side) * torch.rand(n, generator=generator), (1 - side) * torch.rand(n, generator=generator)
@@ -163,7 +163,7 @@ def frame_relative_shape(pipe, n: int = 48, seed: int = 0, size: int = 64) -> di
         raise ValueError("frame_relative_shape needs a pipeline with its IP-Adapter loaded")
     from ..layout import Subject
     from ..sampler import AnyMS
-    from .metrics import color_mask
+    from .metrics import _pixel_box, color_mask
 
     anyms = AnyMS(pipe)
     rng = random.Random(seed)
@@ -181,8 +181,9 @@ def frame_relative_shape(pipe, n: int = 48, seed: int = 0, size: int = 64) -> di
                                  seed=seed * 100_003 + i, num_inference_steps=1, height=size, width=size, progress=False)
             masks[name] = color_mask(run.previews[0], sprite.color)
         inscribed = color_mask(world.render_scene(background, [(sprite, box)], size=size), sprite.color)
+        px0, py0, px1, py1 = _pixel_box(box, size, size)
         box_mask = np.zeros((size, size), dtype=bool)
-        box_mask[round(y0 * size):round(box[3] * size), round(x0 * size):round(box[2] * size)] = True
+        box_mask[py0:py1, px0:px1] = True
         rows.setdefault(sprite.shape, []).append(mask_agreement(masks["in_box"], masks["framed"], inscribed, box_mask))
 
     def means(values: list[dict[str, float]]) -> dict[str, float]:

@@ -16,6 +16,7 @@ perfect generator would score) and the `text` variant (no subject images: the fl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -104,24 +105,24 @@ def by_box_size(scores: list[dict]) -> dict:
     return out
 
 
-# An object-centric training sprite's mean box (margins 0-8% of the image; train.py) and the share of a box that
-# must lie inside a framed silhouette for the box to count as inside it.
-FRAMED_BOX = (0.04, 0.04, 0.96, 0.96)
+# The share of a box that must lie inside a framed silhouette for the box to count as inside it.
 SILHOUETTE_INSIDE = 0.7
+SILHOUETTE_BUCKETS = ("other shapes, box inside", "other shapes, box outside",
+                      "squares, box inside the cross", "squares, box outside the cross")
+
+
+@functools.lru_cache(maxsize=None)
+def _framed_silhouette(shape: str, size: int) -> torch.Tensor:
+    shapes = torch.tensor([[world.SHAPES.index(shape)]])
+    return world.sprite_alpha(shapes, torch.tensor([[world.FRAMED_BOX]]), size, size, 2)[0, 0]
 
 
 def framed_silhouette_share(shape: str, box: list[float], size: int = 64) -> float:
-    """The share of `box` covered by `shape` drawn framed (inscribed in FRAMED_BOX), as the model saw most
+    """The share of `box` covered by `shape` drawn framed (inscribed in world.FRAMED_BOX), as the model saw most
     sprites in training: where a subject lands if the model draws the piece of its full-frame sprite that
     falls in the box (diagnostics.frame_relative_shape)."""
-    shapes = torch.tensor([[world.SHAPES.index(shape)]])
-    alpha = world.sprite_alpha(shapes, torch.tensor([[FRAMED_BOX]]), size, size, 2)[0, 0]
     x0, y0, x1, y1 = (int(round(v * size)) for v in box)
-    return float(alpha[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean())
-
-
-SILHOUETTE_BUCKETS = ("other shapes, box inside", "other shapes, box outside",
-                      "squares, box inside the cross", "squares, box outside the cross")
+    return float(_framed_silhouette(shape, size)[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)].mean())
 
 
 def by_framed_silhouette(scores: list[dict]) -> dict:
@@ -132,12 +133,9 @@ def by_framed_silhouette(scores: list[dict]) -> dict:
     for sc in scores:
         for s in sc["subjects"]:
             shape = s["sprite"].split()[1]
-            if shape == "square":
-                inside = framed_silhouette_share("cross", s["target"]) >= SILHOUETTE_INSIDE
-                buckets[f"squares, box {'inside' if inside else 'outside'} the cross"].append(s["placed"])
-            else:
-                inside = framed_silhouette_share(shape, s["target"]) >= SILHOUETTE_INSIDE
-                buckets[f"other shapes, box {'inside' if inside else 'outside'}"].append(s["placed"])
+            where = "inside" if framed_silhouette_share("cross" if shape == "square" else shape, s["target"]) \
+                >= SILHOUETTE_INSIDE else "outside"
+            buckets[f"squares, box {where} the cross" if shape == "square" else f"other shapes, box {where}"].append(s["placed"])
     return {k: {"placed": round(sum(v) / len(v), 4), "ci95": wilson(sum(v), len(v)), "subjects": len(v)}
             for k, v in buckets.items() if v}
 
@@ -311,28 +309,27 @@ def markdown_table(groups: dict, variants: list[str]) -> str:
     return "\n".join(lines)
 
 
-def size_table(groups: dict, variant: str = "anyms") -> str:
-    """Placement by the box's shortest side (fraction of the image side) for one variant."""
-    buckets = [f"{lo:g}-{min(hi, 1):g}" for lo, hi in SIZE_BUCKETS]
-    lines = [f"| group | " + " | ".join(f"short side {b}" for b in buckets) + " |", "|---|" + "---|" * len(buckets)]
+def _placement_table(groups: dict, key: str, buckets: list[str], labels: list[str], variant: str) -> str:
+    """One row per group: placement with its Wilson CI in each bucket of `entry[key][variant]`."""
+    lines = ["| group | " + " | ".join(labels) + " |", "|---|" + "---|" * len(buckets)]
     for group, entry in groups.items():
-        sizes = entry["placed_by_box_size"].get(variant, {})
-        cells = [f"{sizes[b]['placed']:.2f} [{sizes[b]['ci95'][0]:.2f}, {sizes[b]['ci95'][1]:.2f}] (n={sizes[b]['subjects']})"
-                 if b in sizes else "-" for b in buckets]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def silhouette_table(groups: dict, variant: str = "anyms") -> str:
-    """Placement by whether a box lies inside its subject's framed silhouette, for one variant."""
-    buckets = SILHOUETTE_BUCKETS
-    lines = ["| group | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
-    for group, entry in groups.items():
-        rows = entry.get("placed_by_framed_silhouette", {}).get(variant, {})
+        rows = entry.get(key, {}).get(variant, {})
         cells = [f"{rows[b]['placed']:.2f} [{rows[b]['ci95'][0]:.2f}, {rows[b]['ci95'][1]:.2f}] (n={rows[b]['subjects']})"
                  if b in rows else "-" for b in buckets]
         lines.append(f"| {group} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def size_table(groups: dict, variant: str = "anyms") -> str:
+    """Placement by the box's shortest side (fraction of the image side) for one variant."""
+    buckets = [f"{lo:g}-{min(hi, 1):g}" for lo, hi in SIZE_BUCKETS]
+    return _placement_table(groups, "placed_by_box_size", buckets, [f"short side {b}" for b in buckets], variant)
+
+
+def silhouette_table(groups: dict, variant: str = "anyms") -> str:
+    """Placement by whether a box lies inside its subject's framed silhouette, for one variant."""
+    buckets = list(SILHOUETTE_BUCKETS)
+    return _placement_table(groups, "placed_by_framed_silhouette", buckets, buckets, variant)
 
 
 def ordering_table(groups: dict, pairs=(("anyms", "mask"), ("mask", "none"), ("anyms", "none")),

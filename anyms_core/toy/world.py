@@ -69,6 +69,10 @@ def named_prompt(background: str, sprites: "list[Sprite]", template: int = 0) ->
     things = " and ".join(f"a {s.color} {s.shape}" for s in sprites)
     return NAMED_TEMPLATES[template % len(NAMED_TEMPLATES)].format(things=things, place=place)
 
+# A framed sprite's mean box: the object-centric training scenes inscribe a sprite in the whole image with margins
+# of 0-8% per side (train.py); the diagnostics and the evaluation use this mean.
+FRAMED_BOX: tuple[float, float, float, float] = (0.04, 0.04, 0.96, 0.96)
+
 # A reference image's neutral backdrop (index len(BACKGROUNDS) in the batch renderer).
 PLAIN_BACKGROUND = "plain"
 _PLAIN_RGB = (0.5, 0.5, 0.5)
