@@ -70,9 +70,18 @@ def close_to(box, expected) -> bool:
 
 def wait_for_regeneration(kernel, previous_hash: str) -> str:
     """Waits until the kernel's latest run used the editor's boxes and its image differs from before."""
-    kernel.wait_for("explorer.run.boxes == explorer.editor.boxes and explorer.progress.description == 'idle'",
-                    lambda same: same, timeout=GENERATION_TIMEOUT_S, what="a run with the edited boxes")
+    wait_until_settled(kernel)
     return kernel.wait_for(IMAGE_HASH, lambda value: value != previous_hash, timeout=GENERATION_TIMEOUT_S, what="a new image")
+
+
+def wait_until_settled(kernel) -> None:
+    """Waits until no generation is pending or running: the last run used the editor's current boxes.
+
+    An edit starts a debounced re-generation, and a new run resets the scrubber to its last step, so a
+    test that follows an edit waits for this first.
+    """
+    kernel.wait_for("explorer.run.boxes == explorer.editor.boxes and explorer.progress.description == 'idle'",
+                    lambda same: same, timeout=GENERATION_TIMEOUT_S, what="the explorer idle with the editor's boxes")
 
 
 def screenshot(page, artifacts, name: str, part: str = ".anyms-explorer") -> None:
@@ -156,6 +165,8 @@ def test_resizing_cannot_leave_the_canvas(session, artifacts):
 
 def test_scrubber_slider_changes_the_shown_step(session, artifacts):
     page, kernel = session
+    # The resize before this starts a re-generation; its run would reset the scrubber mid-test.
+    wait_until_settled(kernel)
     steps = kernel.evaluate("explorer.scrubber.num_steps")
     assert steps > 1
     kernel.wait_for("explorer.scrubber.step", lambda step: step == steps - 1, what="the scrubber at the last step")
@@ -166,6 +177,7 @@ def test_scrubber_slider_changes_the_shown_step(session, artifacts):
     before_src = first_panel.get_attribute("src")
     screenshot(page, artifacts, "05-scrubber-last-step.png")
     # Drag the slider's handle to the left end of its track: the first step.
+    page.locator(".anyms-explorer .anyms-step-slider").scroll_into_view_if_needed()
     handle = page.locator(".anyms-explorer .anyms-step-slider .noUi-handle").bounding_box()
     track = page.locator(".anyms-explorer .anyms-step-slider .noUi-target").bounding_box()
     drag(page, (handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2), (track["x"] - 20, handle["y"] + handle["height"] / 2))
