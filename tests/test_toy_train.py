@@ -82,6 +82,34 @@ def test_high_noise_share_draws_timesteps_from_the_noisy_end():
         train.parse_args(["--out", "x", "--high-noise-share", "1.5"])
 
 
+def test_scale_jitter_draws_log_uniform_scales_within_bounds():
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor([train.training_scale((0.5, 4.0), generator, "cpu") for _ in range(2000)])
+    assert draws.min() >= 0.5 and draws.max() <= 4.0
+    # log-uniform: the geometric midpoint (sqrt(0.5 * 4) = 1.41) splits the draws in half, the arithmetic one does not
+    assert 0.45 < (draws < 2 ** 0.5).float().mean() < 0.55
+    assert (draws < 2.25).float().mean() > 0.7
+    assert train.training_scale((1.5, 1.5), generator, "cpu") == pytest.approx(1.5)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--out", "x", "--scale-jitter", "2", "1"])
+
+
+def test_scale_jitter_sets_the_adapter_scale_in_stage_two_and_checks_at_one(tmp_path, monkeypatch):
+    scales = []
+    real = train.ToyWorldPipeline.set_ip_adapter_scale
+
+    def spy(self, scale):
+        scales.append(scale)
+        return real(self, scale)
+
+    monkeypatch.setattr(train.ToyWorldPipeline, "set_ip_adapter_scale", spy)
+    train.main(["--out", str(tmp_path / "run"), "--stage1-steps", "1", "--stage2-steps", "3", "--batch-size", "2",
+                "--size", "32", "--check-images", "0", "--align-steps", "0", "--scale-jitter", "2", "3"])
+    jittered = [s for s in scales if s != 1.0]
+    assert len(jittered) == 3 and all(2 <= s <= 3 for s in jittered)
+    assert scales[-1] == 1.0  # the final checkpoint and export are at the training scale
+
+
 def test_trains_resumes_and_exports(tmp_path):
     out = tmp_path / "run"
     common = ["--out", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--batch-size", "4", "--size", "32",

@@ -316,6 +316,13 @@ def stage2_params(pipe: ToyWorldPipeline) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def training_scale(bounds: tuple[float, float], generator: torch.Generator, device) -> float:
+    """An IP-Adapter scale drawn log-uniformly from [lo, hi] (one per training step, for the whole batch)."""
+    lo, hi = bounds
+    u = torch.rand((), generator=generator, device=device).item()
+    return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
+
+
 def lr_at(fraction: float, base: float, warmup: float = 0.03) -> float:
     """Linear warm-up over the first 3% of the stage, then cosine decay to 10% (by time or steps)."""
     if fraction < warmup:
@@ -444,6 +451,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the loss on pixel differences (block edges, outlines), both stages (0: off)")
     p.add_argument("--sprite-weight", type=float, default=0.0,
                    help="stage-1 loss weight on sprite cells: 1 + W * coverage (0: uniform)")
+    p.add_argument("--scale-jitter", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="stage 2: each step's IP-Adapter scale drawn log-uniformly from [LO, HI] (default: 1.0), "
+                        "so that sums of several subjects' image attention (the `none` ablation) stay in range")
     p.add_argument("--align-steps", type=int, default=2000,
                    help="before stage 2, align the image encoder to the text encoder's sprite names for N steps "
                         "(batch 128; starts a fresh adapter, see align_image_encoder)")
@@ -472,6 +482,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("sprite_weight", "edge_weight"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.scale_jitter is not None and not 0 < args.scale_jitter[0] <= args.scale_jitter[1]:
+        p.error(f"--scale-jitter must be 0 < LO <= HI, got {args.scale_jitter[0]} {args.scale_jitter[1]}")
     if args.init_from is not None and not (Path(args.init_from) / "unet" / "config.json").exists():
         p.error(f"--init-from {args.init_from}: not a toy-world weights folder (no unet/config.json)")
     return args
@@ -621,6 +633,8 @@ def main(argv=None) -> dict:
                 with torch.no_grad():
                     text_embeds = pipe.text_encoder(tokens[prompts])[0]
                 image_embeds = pipe.image_encoder(refs).image_embeds * keep.view(-1, 1).float()
+                if args.scale_jitter is not None:
+                    pipe.set_ip_adapter_scale(training_scale(args.scale_jitter, generator, device))
                 added = {"image_embeds": [image_embeds.unsqueeze(1)]}  # [B, 1 image, dim], one adapter
                 loss = v_loss(pipe.unet, images, text_embeds, alphas_cumprod, generator, added,
                               high_noise_share=args.high_noise_share, edge_weight=args.edge_weight)
@@ -724,6 +738,8 @@ def _checkpoint(pipe, optimizer, ema, params, state, generator, path, stage, arg
     ema.copy_to(params)
     was_training = pipe.unet.training
     pipe.unet.eval(), pipe.text_encoder.eval(), pipe.image_encoder.eval()
+    if stage == 2 and args.scale_jitter is not None:
+        pipe.set_ip_adapter_scale(1.0)  # checks at the training scale, not at the last jittered one
     try:
         if args.check_images > 0:
             try:  # a diagnostic must never end a training run
