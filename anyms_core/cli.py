@@ -289,7 +289,7 @@ def run_reporting_errors(handler: Callable[[], int], debug: bool) -> int:
 def one_line(error: BaseException) -> str:
     message = " ".join(str(error).split()) or type(error).__name__
     if not isinstance(error, (ValueError, OSError)):
-        message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+        message = f"{type(error).__name__}: {message} (anyms --debug COMMAND ... shows the traceback)"
     return message
 
 

@@ -237,6 +237,13 @@ class RunConfig:
             set_("record", _json_value(self.record, "record"))
         if not isinstance(self.pipeline, Mapping) or not all(isinstance(k, str) for k in self.pipeline):
             raise ConfigError(f"pipeline must be an object of keyword arguments, got {self.pipeline!r}.")
+        # generate() passes every field itself (steps as num_inference_steps): repeated in `pipeline`, it would
+        # reach the pipeline twice
+        own = {f.name: f.name for f in fields(self) if f.name != "pipeline"} | {"num_inference_steps": "steps"}
+        repeated = sorted(set(self.pipeline) & set(own))
+        if repeated:
+            raise ConfigError("pipeline must not repeat the case's own fields: "
+                              + ", ".join(f"{name!r} (use the field {own[name]!r})" for name in repeated) + ".")
         set_("pipeline", _json_value(self.pipeline, "pipeline"))
 
     def to_dict(self) -> dict:

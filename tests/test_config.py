@@ -66,7 +66,9 @@ def test_frozen():
     ({"subjects": [{"box": [0, 0, 1, 1], "priority": "1"}]}, "priority of subject must be a number"),
     ({"subjects": [{"box": [0, 0, 1, 1], "size": 3}]}, "unknown field"),
     ({"subjects": [{"image": "a.png"}]}, "field 'box' is missing"),
-    ({"pipeline": {"strength": float("nan")}}, "plain JSON"), ({"record": "affinity"}, "record must be an object"),
+    ({"pipeline": {"strength": float("nan")}}, "plain JSON"),
+    ({"pipeline": {"num_images_per_prompt": 2}}, "repeat the case's own fields: 'num_images_per_prompt'"),
+    ({"pipeline": {"num_inference_steps": 4, "seed": 1}}, r"'num_inference_steps' \(use the field 'steps'\), 'seed'"), ({"record": "affinity"}, "record must be an object"),
 ])
 def test_bad_values_are_refused_with_the_field_named(changes, message):
     with pytest.raises(ConfigError, match=message):
