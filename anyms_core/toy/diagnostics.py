@@ -199,7 +199,7 @@ def frame_relative_shape(pipe, n: int = 48, seed: int = 0, size: int = 64) -> di
 def parse_args(argv=None) -> argparse.Namespace:
     from .pipeline import DEFAULT_WEIGHTS_DIR
 
-    p = argparse.ArgumentParser(prog="python -m anyms_core.toy.diagnostics", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="anyms diagnose-toy", description=__doc__.split("\n\n")[0])
     p.add_argument("weights", nargs="?", default=str(DEFAULT_WEIGHTS_DIR), help="toy weights folder (default: the shipped ones)")
     p.add_argument("--cases", type=int, default=48, help="one-sprite scenes per measurement")
     p.add_argument("--ip-adapter-scale", type=float, default=None, help="default: the weights' sampling.json")

@@ -480,7 +480,7 @@ def tune_sampling(weights_dir: str | Path, scales: list[float], guidances: list[
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m anyms_core.toy.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="anyms evaluate-toy", description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", nargs="+", default=["2", "3", "4", "5", "6", "7", "overlap-2", "overlap-3"],
                    help="subject counts (2-7) and/or overlap-2, overlap-3")
     p.add_argument("--subjects", type=int, nargs="+", default=None, help="shorthand for --groups with subject counts")

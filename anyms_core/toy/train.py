@@ -421,7 +421,7 @@ def image_grid(images: list, columns: int, scale: int = 4):
 # Main loop
 # --------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m anyms_core.toy.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="anyms train-toy", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (checkpoint, logs, final weights)")
     p.add_argument("--minutes", type=float, default=60.0, help="total wall-clock budget over all resumes")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
