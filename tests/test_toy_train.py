@@ -129,6 +129,15 @@ def test_trains_resumes_and_exports(tmp_path):
     assert image.size == (64, 64)
 
 
+def test_resuming_a_finished_run_says_so_and_trains_no_more(tmp_path, capsys):
+    common = ["--out", str(tmp_path / "run"), "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "2",
+              "--size", "32", "--check-images", "0", "--align-steps", "0"]
+    train.main(common)
+    capsys.readouterr()
+    assert train.main(common + ["--resume"])["steps"] == {1: 1, 2: 1}
+    assert "this run had finished" in capsys.readouterr().err
+
+
 def test_init_from_continues_a_trained_model(tmp_path):
     """--init-from starts both stages from a weights folder: with no steps, the export equals its source."""
     source = tmp_path / "source"

@@ -535,6 +535,9 @@ def main(argv=None) -> dict:
         resumed_optimizer, resumed_ema = saved["optimizer"], saved["ema"]
         print(f"resumed from {ckpt_path}: stage {state['stage']}, steps {state['step']}, "
               f"{sum(state['elapsed'].values()) / 60:.1f} min done", file=sys.stderr)
+        if state["stage"] > 2:
+            print("--resume: this run had finished; exporting its weights again (to train on: a new --out with "
+                  f"--init-from {out / 'weights'})", file=sys.stderr)
     else:
         if args.resume:
             print(f"--resume: no checkpoint at {ckpt_path}, starting fresh", file=sys.stderr)
