@@ -237,8 +237,8 @@ class RunConfig:
             set_("record", _json_value(self.record, "record"))
         if not isinstance(self.pipeline, Mapping) or not all(isinstance(k, str) for k in self.pipeline):
             raise ConfigError(f"pipeline must be an object of keyword arguments, got {self.pipeline!r}.")
-        # generate() passes every field itself (steps as num_inference_steps): repeated in `pipeline`, it would
-        # reach the pipeline twice
+        # every field reaches generate() by its own name (steps as num_inference_steps): repeated in `pipeline`
+        # it would be passed twice
         own = {f.name: f.name for f in fields(self) if f.name != "pipeline"} | {"num_inference_steps": "steps"}
         repeated = sorted(set(self.pipeline) & set(own))
         if repeated:
