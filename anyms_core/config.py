@@ -120,6 +120,18 @@ def _json_value(value: Any, what: str) -> Any:
 
 
 # --- the configuration ----------------------------------------------------------------------------
+# Arguments generate() passes itself; the rest of the pipeline's __call__ may be given as keywords. Refused by
+# RunConfig (a case's `pipeline`, before any model loads) and by the sampler (generate()'s keywords).
+RESERVED_PIPELINE_ARGS = {
+    "prompt": "the first argument of generate()",
+    "ip_adapter_image": "generate() passes the subjects' images",
+    "ip_adapter_image_embeds": "generate() passes the subjects' images",
+    "generator": "use seed=",
+    "output_type": "a Run holds PIL images",
+    "return_dict": "generate() reads the pipeline's output object",
+}
+
+
 @dataclass(frozen=True)
 class SubjectConfig:
     """One subject as configuration: its box, name, priority and where its reference image came from.
@@ -244,6 +256,10 @@ class RunConfig:
         if repeated:
             raise ConfigError("pipeline must not repeat the case's own fields: "
                               + ", ".join(f"{name!r} (use the field {own[name]!r})" for name in repeated) + ".")
+        reserved = sorted(set(self.pipeline) & set(RESERVED_PIPELINE_ARGS))
+        if reserved:
+            raise ConfigError("pipeline must not set what generate() sets itself: "
+                              + "; ".join(f"{name!r} ({RESERVED_PIPELINE_ARGS[name]})" for name in reserved) + ".")
         set_("pipeline", _json_value(self.pipeline, "pipeline"))
 
     def to_dict(self) -> dict:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import RunConfig
+from .config import RESERVED_PIPELINE_ARGS, RunConfig
 from .layout import Subject, image_digest, subject_names, validate_subjects
 from .recording import RecordConfig
 from .run import Run
@@ -198,17 +198,6 @@ def _config_image(subject) -> str:
         raise ValueError(f"subject {subject.name!r} has no image file in the config ({subject.image!r}): "
                          "pass subjects= with its reference image.")
     return subject.image
-
-
-# Arguments generate() passes itself; the rest of the pipeline's __call__ may be given as keywords.
-RESERVED_PIPELINE_ARGS = {
-    "prompt": "the first argument of generate()",
-    "ip_adapter_image": "generate() passes the subjects' images",
-    "ip_adapter_image_embeds": "generate() passes the subjects' images",
-    "generator": "use seed=",
-    "output_type": "a Run holds PIL images",
-    "return_dict": "generate() reads the pipeline's output object",
-}
 
 
 def check_pipeline_kwargs(pipe, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,8 @@ def test_frozen():
     ({"pipeline": {"strength": float("nan")}}, "plain JSON"),
     ({"pipeline": {"num_images_per_prompt": 2}}, "repeat the case's own fields: 'num_images_per_prompt'"),
     ({"pipeline": {"num_inference_steps": 4, "seed": 1}}, r"'num_inference_steps' \(use the field 'steps'\), 'seed'"), ({"record": "affinity"}, "record must be an object"),
+    ({"pipeline": {"output_type": "np", "generator": 1}}, r"sets itself: 'generator' \(use seed=\); 'output_type' \(a Run holds PIL"),
+    ({"pipeline": {"ip_adapter_image_embeds": [[0.0]]}}, "'ip_adapter_image_embeds' .generate.. passes the subjects' images"),
 ])
 def test_bad_values_are_refused_with_the_field_named(changes, message):
     with pytest.raises(ConfigError, match=message):
