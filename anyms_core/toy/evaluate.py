@@ -503,7 +503,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only choose the default IP-Adapter scale and guidance on validation cases; writes WEIGHTS/sampling.json")
     p.add_argument("--tune-scales", type=float, nargs="+", default=[0.75, 1.0, 1.25, 1.5])
     p.add_argument("--tune-guidance", type=float, nargs="+", default=[2.0, 3.0, 4.0])
-    p.add_argument("--tune-steps", type=int, nargs="+", default=[12])
+    p.add_argument("--tune-steps", type=int, nargs="+", default=[8, 10, 12])
+    p.add_argument("--tune-cases", type=int, default=24, help="validation cases per subject count (2 and 5) for --tune")
     p.add_argument("--maps", action="store_true",
                    help="only run the map study (own-box share of each recorded map per step) on --groups; writes OUT.md/.json")
     return p.parse_args(argv)
@@ -516,7 +517,7 @@ def main(argv=None) -> dict:
 
     if args.tune:
         return tune_sampling(args.weights or DEFAULT_WEIGHTS_DIR, args.tune_scales, args.tune_guidance, args.tune_steps,
-                             n_cases=min(args.cases, 24), jobs=args.jobs)
+                             n_cases=args.tune_cases, jobs=args.jobs)
     if args.card_figures:
         pipe = load_toy_pipeline(args.weights)
         paths = card_figures(pipe, args.card_figures, args.train_dir, guidance=args.guidance, steps=args.steps)
