@@ -6,7 +6,7 @@ is one too, so a run can be replayed):
     {"prompt": "a photo at night",
      "subjects": [{"name": "circle", "image": "toy:red circle", "box": [0.05, 0.1, 0.5, 0.55]},
                   {"name": "cat", "image": "cat.png", "box": [0.5, 0.45, 0.95, 0.9], "priority": 1}],
-     "variant": "anyms", "seed": 0, "steps": 12, "guidance_scale": 3.0, "model": "toy"}
+     "variant": "anyms", "seed": 0, "steps": 8, "guidance_scale": 3.0, "model": "toy"}
 
 Image paths are relative to the case file; ``toy:<colour> <shape>`` makes a toy-world reference.
 Only ``prompt`` and ``subjects`` are required; ``model`` defaults to the embedded toy world. A subject
