@@ -92,6 +92,9 @@ def test_grid_measures_steps_at_the_fold_block_edges():
     shifted = np.roll(blocks, 2, axis=(0, 1))  # the same steps, half-way between block edges
     across, within = metrics.grid_means(shifted)
     assert across == 0.0 and metrics.grid_ratio(across, within) < 0.1
+    phases = metrics.grid_phase_means(shifted)  # ... a grid all the same, at phase 2
+    assert phases[0] == (across, within) and metrics.grid_ratio(*phases[2]) > 100
+    assert [metrics.grid_ratio(*m) < 0.1 for m in phases] == [True, True, False, True]
     ramp = np.broadcast_to(np.linspace(0, 1, 64)[None, :, None], (64, 64, 3))  # equal steps everywhere
     across, within = metrics.grid_means(ramp)
     assert abs(across - within) < 1e-6 and abs(metrics.grid_ratio(across, within) - 1) < 1e-5
@@ -104,11 +107,18 @@ def test_grid_measures_steps_at_the_fold_block_edges():
 def test_grid_of_a_set_is_the_ratio_of_its_means():
     cases = world.make_cases(2, 6, seed=0)
     scores = [metrics.score_case(c.render(), c) for c in cases]
-    across, within = np.mean([s["grid_means"] for s in scores], axis=0)
-    assert abs(_means(scores)["grid"] - metrics.grid_ratio(across, within)) <= 5e-5  # summarize rounds to 4 digits
+    means = np.mean([s["grid_means"] for s in scores], axis=0)  # [phases, 2]
+    assert means.shape == (metrics.GRID_PERIOD, 2)
+    worst = max(metrics.grid_ratio(across, within) for across, within in means)
+    assert abs(_means(scores)["grid"] - worst) <= 5e-5  # summarize rounds to 4 digits
     rng = np.random.default_rng(1)
     blocky = [np.kron(rng.random((16, 16, 3)), np.ones((4, 4, 1))) for _ in cases]
     assert _means([metrics.score_case(b, c) for b, c in zip(blocky, cases)])["grid"] > 5 * _means(scores)["grid"]
+    moved = [np.roll(b, 1, axis=(0, 1)) for b in blocky]  # the same grid one pixel off the fold's phase
+    assert _means([metrics.score_case(b, c) for b, c in zip(moved, cases)])["grid"] > 5 * _means(scores)["grid"]
+    phase0 = [{**sc, "grid_means": sc["grid_means"][0]} for sc in scores]  # scores saved before the phases
+    across, within = np.mean([s["grid_means"] for s in phase0], axis=0)
+    assert abs(_means(phase0)["grid"] - metrics.grid_ratio(across, within)) <= 5e-5
     older = [{k: v for k, v in sc.items() if k != "grid_means"} for sc in scores]  # scores saved before `grid`
     assert "grid" not in metrics.summarize(older, bootstrap=0)
 

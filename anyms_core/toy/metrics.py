@@ -22,7 +22,8 @@ Two image-level measures:
   every other neighbour pair. Without a grid it is ~1; an error constant over each block raises it.
   The 2x2 `artefact` cannot see this pattern. One image's ratio swings with where its texture lines and
   sprite edges fall (0.5-2.5 for rendered scenes), so a set of images is scored by the ratio of the two
-  means over the set (`grid_means` per image).
+  means over the set (`grid_means` per image), at the worst of the `period` block phases: a grid moved
+  by 1-3 px (the toy pipeline's `fold_shifts` moves it) reads as a grid too, not as less than 1.
 
 In overlap cases (explicit priorities), `overlap_owned` says whether the higher-priority subject owns
 the overlap of each overlapping pair: where both sprites' shapes would be drawn, more of its colour
@@ -219,16 +220,21 @@ GRID_PERIOD = 4  # pipeline.FOLD (the pixel block one latent cell holds), not im
 GRID_FLOOR = 1e-3  # added to both means, so that a flat image scores 1, not 0 / 0
 
 
-def grid_means(image, period: int = GRID_PERIOD) -> tuple[float, float]:
+def grid_means(image, period: int = GRID_PERIOD, phase: int = 0) -> tuple[float, float]:
     """Mean |difference| of neighbouring pixels (per channel, [0, 1] units) across the edges of
-    `period`-pixel blocks (between columns or rows k * period - 1 and k * period), and across all
-    other neighbour pairs."""
+    `period`-pixel blocks starting at pixel `phase` (between columns or rows k * period + phase - 1 and
+    k * period + phase), and across all other neighbour pairs."""
     a = _as_array(image)
     dx = np.abs(np.diff(a, axis=1)).mean(axis=(0, 2))  # dx[j]: between columns j and j + 1
     dy = np.abs(np.diff(a, axis=0)).mean(axis=(1, 2))
     diffs = np.concatenate([dx, dy])
-    across = (np.concatenate([np.arange(len(dx)), np.arange(len(dy))]) + 1) % period == 0
+    across = (np.concatenate([np.arange(len(dx)), np.arange(len(dy))]) + 1 - phase) % period == 0
     return float(diffs[across].mean()), float(diffs[~across].mean())
+
+
+def grid_phase_means(image, period: int = GRID_PERIOD) -> list[tuple[float, float]]:
+    """`grid_means` at each of the `period` block phases."""
+    return [grid_means(image, period, phase) for phase in range(period)]
 
 
 def grid_ratio(across: float, within: float) -> float:
@@ -321,7 +327,7 @@ def score_case(image, case: "world.Case") -> dict:
         "overlaps": overlap_ownership(array, case, subjects),
         "fidelity": fidelity(array),
         "artefact": artefact_energy(array),
-        "grid_means": grid_means(array),
+        "grid_means": grid_phase_means(array),
     }
 
 
@@ -353,8 +359,9 @@ def summarize(scores: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
     with_grid = bool(scores) and all("grid_means" in sc for sc in scores)  # absent in scores saved before it
 
     def _set_grid_ratio(subset) -> float:
-        across, within = np.mean([sc["grid_means"] for sc in subset], axis=0)
-        return grid_ratio(float(across), float(within))
+        # [cases, phases, 2]; scores saved before the phases hold phase 0 only, as [cases, 2]
+        means = np.mean([np.reshape(sc["grid_means"], (-1, 2)) for sc in subset], axis=0)
+        return max(grid_ratio(float(across), float(within)) for across, within in means)
 
     def stats(indices, with_ap: bool = True) -> dict:
         subset = [scores[i] for i in indices]
