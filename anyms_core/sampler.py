@@ -362,6 +362,9 @@ def predicted_clean_sample(pipe, sample: torch.Tensor, timestep, prediction: tor
 def _preview_rgb(pipe, x0: torch.Tensor) -> np.ndarray:
     if hasattr(pipe, "preview_from_latents"):
         rgb = pipe.preview_from_latents(x0)[0]
+        dy, dx = getattr(pipe, "fold_shift", (0, 0))  # the toy pipeline's UNet may run on a rolled image
+        if (dy, dx) != (0, 0):
+            rgb = torch.roll(rgb, shifts=(-dy, -dx), dims=(-2, -1))
     elif x0.shape[1] == 4:
         factors, bias = _LATENT_RGB["sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"]
         weight = torch.tensor(factors, device=x0.device)

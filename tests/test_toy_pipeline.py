@@ -84,3 +84,78 @@ def test_preview_from_latents_and_call_signature(random_weights):
     assert steps == [0, 1] and out.images[0].size == (64, 64)
     with pytest.raises(ValueError, match="multiples"):
         pipe("a photo on sand", height=30, ip_adapter_image=[[world.sprite_reference("red square")]])
+
+
+def test_shift_fold_rolls_the_pixel_image_and_undoes_exactly():
+    x = torch.randn(2, 3, 32, 64)
+    latents = toy_pipeline.fold(x)
+    for shift in toy_pipeline.FOLD_SHIFTS:
+        moved = toy_pipeline.shift_fold(latents, shift)
+        assert torch.allclose(toy_pipeline.unfold(moved), torch.roll(x, shift, dims=(-2, -1)), atol=1e-5)
+        assert torch.allclose(toy_pipeline.shift_fold(moved, (-shift[0], -shift[1])), latents, atol=1e-5)
+    assert toy_pipeline.shift_fold(latents, (0, 0)) is latents
+    shifts = np.array(toy_pipeline.FOLD_SHIFTS)
+    assert {d % toy_pipeline.FOLD for d in shifts[:, 0]} == {d % toy_pipeline.FOLD for d in shifts[:, 1]} == {0, 1, 2, 3}
+    assert shifts.mean(0).tolist() == [0.0, 0.0]  # no drift of the image against the boxes
+
+
+def test_unshift_mean_inverts_each_shift_and_keeps_the_guidance_groups():
+    uncond, cond = torch.randn(1, 48, 8, 8), torch.randn(1, 48, 8, 8)
+    shifts = [(1, -1), (-1, 1)]
+    pred = torch.cat([toy_pipeline.shift_fold(g, s) for g in (uncond, cond) for s in shifts])  # [uncond x 2; cond x 2]
+    out = toy_pipeline._unshift_mean(pred, shifts, groups=2)
+    assert out.shape == (2, 48, 8, 8)
+    assert torch.allclose(out[:1], uncond, atol=1e-5) and torch.allclose(out[1:], cond, atol=1e-5)
+    a, b = torch.zeros(1, 2), torch.ones(1, 2)
+    assert toy_pipeline._repeat_groups(torch.cat([a, b]), 2, 3).tolist() == [[0, 0]] * 3 + [[1, 1]] * 3
+
+
+def test_fold_shifts_move_the_unet_input_and_keep_the_batch_layout(random_weights):
+    pipe = toy_pipeline.load_toy_pipeline(random_weights)
+    assert pipe.default_fold_shifts is False  # save_toy_pipeline wrote the pipeline's own default
+    refs = [world.sprite_reference("red circle"), world.sprite_reference("cyan cross")]
+    seen = []
+
+    def before_unet(module, args, kwargs):
+        seen.append((args[0].clone(), kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]["image_embeds"][0]))
+
+    kwargs = dict(prompt=world.DEFAULT_PROMPTS["grass"], ip_adapter_image=[refs], num_inference_steps=3, output_type="np")
+    plain = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    handle = pipe.unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+    try:
+        shifted = pipe(generator=torch.Generator().manual_seed(1), fold_shifts=True, **kwargs).images
+    finally:
+        handle.remove()
+    again = pipe(generator=torch.Generator().manual_seed(1), fold_shifts=True, **kwargs).images
+    assert np.array_equal(shifted, again) and not np.array_equal(plain, shifted)
+    assert [s[0].shape[0] for s in seen] == [2, 2, 4]  # the last step: two shifts in one call
+    first, _, _ = seen[0]
+    assert torch.equal(first[0], first[1])  # step 0 is not shifted: [uncond; cond] of the same latents
+    last, text, image_embeds = seen[-1]
+    # [uncond at shift a, uncond at shift b, cond at a, cond at b]: the same latents, moved half a block apart
+    dy, dx = toy_pipeline.FOLD_SHIFTS[2]
+    back = [toy_pipeline.shift_fold(last[i : i + 1], (-dy, -dx)) for i in (0, 2)]
+    assert torch.allclose(back[0], back[1], atol=1e-5)
+    assert torch.allclose(toy_pipeline.shift_fold(back[0], (dy + (-2 if dy > 0 else 2), dx + (-2 if dx > 0 else 2))), last[1:2], atol=1e-5)
+    assert torch.equal(text[0], text[1]) and torch.equal(text[2], text[3]) and not torch.equal(text[1], text[2])
+    assert image_embeds.shape[:2] == (4, 2) and torch.equal(image_embeds[2], image_embeds[3])
+
+
+@pytest.mark.skipif(not (toy_pipeline.DEFAULT_WEIGHTS_DIR / "unet" / "config.json").exists(), reason="no shipped weights")
+def test_fold_shifts_under_anyms_record_every_step_and_previews_are_rolled_back():
+    from anyms_core import AnyMS, Subject
+
+    pipe = toy_pipeline.load_toy_pipeline()
+    pipe.default_fold_shifts = True
+    subjects = [Subject(world.sprite_reference("red circle"), [0.1, 0.1, 0.5, 0.6]),
+                Subject(world.sprite_reference("cyan square"), [0.5, 0.3, 0.9, 0.9])]
+    run = AnyMS(pipe).generate(world.DEFAULT_PROMPTS["grass"], subjects, num_inference_steps=3, seed=3)
+    assert pipe.fold_shift == (0, 0)
+    assert run.num_steps == 3 and len(run.previews) == 3 and run.timings["unet_calls"] == 3
+    assert run.attention.steps == [0, 1, 2]
+    # The last step's x0 is the image; its preview, made in the UNet's rolled frame and rolled back, lines up with
+    # it better than at any other offset (without the roll-back it would sit at FOLD_SHIFTS[2])
+    image = np.asarray(run.image, dtype=np.float32)
+    last = run.previews[-1].astype(np.float32)
+    errors = {(a, b): np.abs(np.roll(last, (a, b), axis=(0, 1)) - image).mean() for a in range(-2, 3) for b in range(-2, 3)}
+    assert min(errors, key=errors.get) == (0, 0)

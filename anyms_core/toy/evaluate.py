@@ -470,12 +470,14 @@ def tune_sampling(weights_dir: str | Path, scales: list[float], guidances: list[
                 print(trials[-1], file=sys.stderr)
     ok = [t for t in trials if t["background"] >= min_background] or trials
     best = max(ok, key=lambda t: (round((t["placed"] + t["identity"]) / 2, 3), -t["ip_adapter_scale"], -t["num_inference_steps"]))
+    path = Path(weights_dir) / "sampling.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
     sampling = {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"],
-                "ip_adapter_scale": best["ip_adapter_scale"],
+                "ip_adapter_scale": best["ip_adapter_scale"], "fold_shifts": previous.get("fold_shifts", False),
                 "chosen_on": f"validation cases (make_cases seed={seed}), {n_cases} per subject count (2 and 5), "
                              "variant anyms; never the held-out seed=0 set",
                 "trials": trials}
-    (Path(weights_dir) / "sampling.json").write_text(json.dumps(sampling, indent=1) + "\n")
+    path.write_text(json.dumps(sampling, indent=1) + "\n")
     return sampling
 
 

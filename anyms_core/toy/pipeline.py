@@ -51,6 +51,9 @@ IP_ADAPTER_WEIGHT_NAME = "ip-adapter_toy.safetensors"
 DEFAULT_WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_NUM_INFERENCE_STEPS = 12
 DEFAULT_GUIDANCE_SCALE = 3.0
+# Pixel offsets (dy, dx) of the image under the 4x4 fold, one per sampling step, cycled (`fold_shifts`):
+# 8 of the 16 phases of the 4-px block grid, each row and column phase twice, mean offset zero.
+FOLD_SHIFTS = ((0, 0), (2, 2), (-1, 1), (1, -1), (-2, 0), (0, -2), (-1, -1), (1, 1))
 DEFAULT_SIZE = 64
 
 
@@ -84,6 +87,14 @@ def unfold(latents: torch.Tensor) -> torch.Tensor:
     x = latents.reshape(b, c // (FOLD * FOLD), FOLD * FOLD, h, w)
     x = torch.einsum("ji,bcjhw->bcihw", _HAAR.to(x), x)
     return F.pixel_shuffle(x.reshape(b, c, h, w), FOLD)
+
+
+def shift_fold(latents: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+    """The latents of the pixel image rolled by `shift` = (dy, dx) pixels (circularly): the same image
+    folded on a grid moved by a fraction of a block. `shift_fold(shift_fold(x, s), (-dy, -dx)) == x`."""
+    if shift == (0, 0):
+        return latents
+    return fold(torch.roll(unfold(latents), shifts=shift, dims=(-2, -1)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +312,10 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         # (chosen on validation cases for those weights) overrides them in load_toy_pipeline.
         self.default_num_inference_steps = DEFAULT_NUM_INFERENCE_STEPS
         self.default_guidance_scale = DEFAULT_GUIDANCE_SCALE
+        self.default_fold_shifts = False
+        # (dy, dx): how far the image the UNet is running on now is rolled (`fold_shifts`); (0, 0) between
+        # generations. Readers of the UNet's input and output (x0 previews) roll by minus this.
+        self.fold_shift = (0, 0)
 
     # -- properties mirrored from StableDiffusionPipeline -------------------------------------
     @property
@@ -366,17 +381,27 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        fold_shifts: bool | None = None,
     ):
         r"""Generate images. Arguments mean what they mean in `StableDiffusionPipeline.__call__`.
 
         `ip_adapter_image` is a list per loaded adapter, each a list of images: several subjects are
         several images of one adapter (`[[img_a, img_b]]`), reaching the attention processors as
         `[B, num_images, 4, dim]`. `output_type` is "pil", "np", "pt" (RGB in [0, 1]) or "latent".
-        `num_inference_steps` / `guidance_scale` left None take `pipe.default_num_inference_steps` /
-        `pipe.default_guidance_scale` (from the weights folder's sampling.json).
+        `num_inference_steps` / `guidance_scale` / `fold_shifts` left None take `pipe.default_num_inference_steps` /
+        `pipe.default_guidance_scale` / `pipe.default_fold_shifts` (from the weights folder's sampling.json).
+
+        `fold_shifts`: the model predicts the 4x4 Haar fold of the image, and its errors, constant over a
+        fold block, draw a faint 4-px grid. With `fold_shifts` step i runs the UNet on the image rolled by
+        `FOLD_SHIFTS[i % 8]` pixels and rolls its prediction back, so each step's grid lies elsewhere; the
+        last step averages two predictions half a block apart (one UNet call, batch doubled). The UNet,
+        hence the attention processors and their recorded maps, sees step i's image moved by that offset
+        (at most 2 px, half a 16x16 latent cell); `pipe.fold_shift` holds it during the step, and
+        `anyms_core`'s x0 previews roll back by it.
         """
         num_inference_steps = num_inference_steps or self.default_num_inference_steps
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        fold_shifts = self.default_fold_shifts if fold_shifts is None else fold_shifts
         height = height or self.unet.config.sample_size * FOLD
         width = width or self.unet.config.sample_size * FOLD
         if height % (FOLD * 4) or width % (FOLD * 4):
@@ -438,16 +463,27 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                shifts = [FOLD_SHIFTS[i % len(FOLD_SHIFTS)] if fold_shifts else (0, 0)]
+                if fold_shifts and i == len(timesteps) - 1:
+                    shifts.append(tuple(d - 2 if d > 0 else d + 2 for d in shifts[0]))  # half a block away
+                self.fold_shift = shifts[0]
+                model_input = self.scheduler.scale_model_input(latents, t)
+                # Batch [uncond per shift; cond per shift]: diffusers' num_images_per_prompt layout.
+                groups = 2 if self.do_classifier_free_guidance else 1
+                latent_model_input = torch.cat([shift_fold(model_input, s) for s in shifts] * groups)
+                step_cond_kwargs = added_cond_kwargs
+                if len(shifts) > 1 and added_cond_kwargs is not None:
+                    step_cond_kwargs = {"image_embeds": [_repeat_groups(e, groups, len(shifts)) for e in added_cond_kwargs["image_embeds"]]}
                 noise_pred = self.unet(
                     latent_model_input,
                     t,
-                    encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states=_repeat_groups(prompt_embeds, groups, len(shifts)),
                     cross_attention_kwargs=self.cross_attention_kwargs,
-                    added_cond_kwargs=added_cond_kwargs,
+                    added_cond_kwargs=step_cond_kwargs,
                     return_dict=False,
                 )[0]
+                if shifts != [(0, 0)]:
+                    noise_pred = _unshift_mean(noise_pred, shifts, groups)
                 if self.do_classifier_free_guidance:
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
@@ -462,6 +498,7 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                 progress_bar.update()
+        self.fold_shift = (0, 0)
 
         if output_type == "latent":
             images = latents
@@ -476,6 +513,22 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _unshift_mean(pred: torch.Tensor, shifts: list[tuple[int, int]], groups: int) -> torch.Tensor:
+    """[uncond per shift; cond per shift] predictions -> each rolled back and averaged over the shifts."""
+    per_shift = pred.chunk(groups * len(shifts))
+    return torch.cat([
+        torch.stack([shift_fold(p, (-dy, -dx)) for p, (dy, dx) in zip(per_shift[g * len(shifts):], shifts)]).mean(0)
+        for g in range(groups)
+    ])
+
+
+def _repeat_groups(x: torch.Tensor, groups: int, repeats: int) -> torch.Tensor:
+    """[g0; g1] (`groups` equal blocks along dim 0) -> [g0 x repeats; g1 x repeats]."""
+    if repeats == 1:
+        return x
+    return torch.cat([block for block in x.chunk(groups) for _ in range(repeats)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +556,8 @@ def save_toy_pipeline(pipe: ToyWorldPipeline, directory: str | os.PathLike, dtyp
     pipe.scheduler.save_pretrained(directory / "scheduler")
     (directory / "ip_adapter").mkdir(exist_ok=True)
     save_file({k: v.to(dtype) for k, v in ip_state.items()}, directory / "ip_adapter" / IP_ADAPTER_WEIGHT_NAME)
-    sampling = {"num_inference_steps": pipe.default_num_inference_steps, "guidance_scale": pipe.default_guidance_scale}
+    sampling = {"num_inference_steps": pipe.default_num_inference_steps, "guidance_scale": pipe.default_guidance_scale,
+                "fold_shifts": pipe.default_fold_shifts}
     (directory / "sampling.json").write_text(json.dumps(sampling, indent=1) + "\n")
 
 
@@ -530,6 +584,7 @@ def load_toy_pipeline(
         sampling = json.loads((weights_dir / "sampling.json").read_text())
         pipe.default_num_inference_steps = int(sampling["num_inference_steps"])
         pipe.default_guidance_scale = float(sampling["guidance_scale"])
+        pipe.default_fold_shifts = bool(sampling.get("fold_shifts", False))
         # The adapter's strength is part of the model's tuned defaults, like IP-Adapter's own `scale`.
         pipe.set_ip_adapter_scale(float(sampling.get("ip_adapter_scale", 1.0)))
     pipe.set_progress_bar_config(disable=True)
