@@ -95,8 +95,9 @@ def test_shift_fold_rolls_the_pixel_image_and_undoes_exactly():
         assert torch.allclose(toy_pipeline.shift_fold(moved, (-shift[0], -shift[1])), latents, atol=1e-5)
     assert toy_pipeline.shift_fold(latents, (0, 0)) is latents
     shifts = np.array(toy_pipeline.FOLD_SHIFTS)
-    assert {d % toy_pipeline.FOLD for d in shifts[:, 0]} == {d % toy_pipeline.FOLD for d in shifts[:, 1]} == {0, 1, 2, 3}
-    assert shifts.mean(0).tolist() == [0.0, 0.0]  # no drift of the image against the boxes
+    assert np.abs(shifts).max() <= 2  # half a fold block at most
+    # with the unshifted first half, every row and column phase of the 4-px grid has a step
+    assert {0} | {d % toy_pipeline.FOLD for d in shifts[:, 0]} == {0} | {d % toy_pipeline.FOLD for d in shifts[:, 1]} == {0, 1, 2, 3}
 
 
 def test_unshift_mean_inverts_each_shift_and_keeps_the_guidance_groups():
@@ -130,10 +131,10 @@ def test_fold_shifts_move_the_unet_input_and_keep_the_batch_layout(random_weight
     assert np.array_equal(shifted, again) and not np.array_equal(plain, shifted)
     assert [s[0].shape[0] for s in seen] == [2, 2, 4]  # the last step: two shifts in one call
     first, _, _ = seen[0]
-    assert torch.equal(first[0], first[1])  # step 0 is not shifted: [uncond; cond] of the same latents
+    assert torch.equal(first[0], first[1])  # step 0 (the first half) is not shifted: [uncond; cond] of the same latents
     last, text, image_embeds = seen[-1]
     # [uncond at shift a, uncond at shift b, cond at a, cond at b]: the same latents, moved half a block apart
-    dy, dx = toy_pipeline.FOLD_SHIFTS[2]
+    dy, dx = toy_pipeline.FOLD_SHIFTS[0]  # the last step's
     back = [toy_pipeline.shift_fold(last[i : i + 1], (-dy, -dx)) for i in (0, 2)]
     assert torch.allclose(back[0], back[1], atol=1e-5)
     assert torch.allclose(toy_pipeline.shift_fold(back[0], (dy + (-2 if dy > 0 else 2), dx + (-2 if dx > 0 else 2))), last[1:2], atol=1e-5)
@@ -154,7 +155,7 @@ def test_fold_shifts_under_anyms_record_every_step_and_previews_are_rolled_back(
     assert run.num_steps == 3 and len(run.previews) == 3 and run.timings["unet_calls"] == 3
     assert run.attention.steps == [0, 1, 2]
     # The last step's x0 is the image; its preview, made in the UNet's rolled frame and rolled back, lines up with
-    # it better than at any other offset (without the roll-back it would sit at FOLD_SHIFTS[2])
+    # it better than at any other offset (without the roll-back it would sit at FOLD_SHIFTS[0])
     image = np.asarray(run.image, dtype=np.float32)
     last = run.previews[-1].astype(np.float32)
     errors = {(a, b): np.abs(np.roll(last, (a, b), axis=(0, 1)) - image).mean() for a in range(-2, 3) for b in range(-2, 3)}

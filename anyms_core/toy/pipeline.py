@@ -51,9 +51,10 @@ IP_ADAPTER_WEIGHT_NAME = "ip-adapter_toy.safetensors"
 DEFAULT_WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_NUM_INFERENCE_STEPS = 12
 DEFAULT_GUIDANCE_SCALE = 3.0
-# Pixel offsets (dy, dx) of the image under the 4x4 fold, one per sampling step, cycled (`fold_shifts`):
-# 8 of the 16 phases of the 4-px block grid, each row and column phase twice, mean offset zero.
-FOLD_SHIFTS = ((0, 0), (2, 2), (-1, 1), (1, -1), (-2, 0), (0, -2), (-1, -1), (1, 1))
+# Pixel offsets (dy, dx) of the image under the 4x4 fold (`fold_shifts`) for the second half of the sampling
+# steps, counted from the last one backwards and cycled; the first half, where the layout forms, is unshifted.
+# Chosen on validation cases over a cycle through every step (results/toy_fold_shifts_validation.md).
+FOLD_SHIFTS = ((1, 1), (1, -1), (-1, 1), (2, 2))
 DEFAULT_SIZE = 64
 
 
@@ -392,9 +393,10 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         `pipe.default_guidance_scale` / `pipe.default_fold_shifts` (from the weights folder's sampling.json).
 
         `fold_shifts`: the model predicts the 4x4 Haar fold of the image, and its errors, constant over a
-        fold block, draw a faint 4-px grid. With `fold_shifts` step i runs the UNet on the image rolled by
-        `FOLD_SHIFTS[i % 8]` pixels and rolls its prediction back, so each step's grid lies elsewhere; the
-        last step averages two predictions half a block apart (one UNet call, batch doubled). The UNet,
+        fold block, draw a faint 4-px grid. With `fold_shifts` each step of the second half runs the UNet on
+        the image rolled by `FOLD_SHIFTS[(num_steps - 1 - i) % 4]` pixels and rolls its prediction back, so
+        each step's grid lies elsewhere; the last step averages two predictions half a block apart (one UNet
+        call, batch doubled). The UNet,
         hence the attention processors and their recorded maps, sees step i's image moved by that offset
         (at most 2 px, half a 16x16 latent cell); `pipe.fold_shift` holds it during the step, and
         `anyms_core`'s x0 previews roll back by it.
@@ -463,7 +465,8 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                shifts = [FOLD_SHIFTS[i % len(FOLD_SHIFTS)] if fold_shifts else (0, 0)]
+                late = fold_shifts and i >= len(timesteps) // 2
+                shifts = [FOLD_SHIFTS[(len(timesteps) - 1 - i) % len(FOLD_SHIFTS)] if late else (0, 0)]
                 if fold_shifts and i == len(timesteps) - 1:
                     shifts.append(tuple(d - 2 if d > 0 else d + 2 for d in shifts[0]))  # half a block away
                 self.fold_shift = shifts[0]
