@@ -81,3 +81,33 @@ def test_hf_download_lines_are_the_loaders_own():
     lines = [line.strip() for block in blocks("bash") for line in block.splitlines() if line.startswith("hf ")]
     assert lines == [_base_download(SDXL_BASE, None), _adapter_download(SDXL_IP_ADAPTERS["base"])]
     assert "huggingface-cli" not in README
+
+
+def _toy_table_rows(text: str, heading: str) -> list[list[str]]:
+    """The first markdown table after `heading`, as rows of cells (header and rule dropped)."""
+    section = text[text.index(heading):]
+    lines = [line for line in section.split("\n|", 1)[1].split("\n\n", 1)[0].splitlines()]
+    rows = [[c.strip() for c in ("|" + line if i == 0 else line).strip().strip("|").split("|")] for i, line in enumerate(lines)]
+    return rows[2:]
+
+
+def _percent(value: float) -> str:
+    return f"{round(100 * value)}%"
+
+
+@pytest.mark.parametrize("document, heading", [("README.md", "## The toy world, measured"),
+                                               ("docs/toy-world-model-card.md", "## Evaluation")])
+def test_toy_tables_match_the_results_file(document, heading):
+    """The placement tables a reader sees are the held-out results' own numbers (results/toy_eval.json)."""
+    results = json.loads((ROOT / "results" / "toy_eval.json").read_text())["groups"]
+    rows = _toy_table_rows((ROOT / document).read_text(), heading)
+    assert len(rows) >= 5
+    for row in rows:
+        count = row[0].split()[0].rstrip(",")  # "2 subjects", "3, overlapping boxes", "overlap-2"
+        group = count if count.startswith("overlap-") else f"overlap-{count}" if "overlap" in row[0] else count
+        entry = results[group]
+        expected = [_percent(entry["anyms"]["placed"]["mean"]), _percent(entry["anyms"]["identity"]["mean"]),
+                    _percent(entry["mask"]["placed"]["mean"]), _percent(entry["none"]["placed"]["mean"]),
+                    _percent(entry["joint"]["placed"]["mean"]), _percent(entry["text"]["placed"]["mean"]),
+                    _percent(entry["anyms"]["background"]["mean"])]
+        assert row[1:8] == expected, f"{document}: row {row[0]!r}"
