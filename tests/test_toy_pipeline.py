@@ -160,3 +160,23 @@ def test_fold_shifts_under_anyms_record_every_step_and_previews_are_rolled_back(
     last = run.previews[-1].astype(np.float32)
     errors = {(a, b): np.abs(np.roll(last, (a, b), axis=(0, 1)) - image).mean() for a in range(-2, 3) for b in range(-2, 3)}
     assert min(errors, key=errors.get) == (0, 0)
+
+
+def test_tuning_the_sampling_defaults_keeps_the_fold_shift_choice(random_weights, tmp_path):
+    import json
+    import shutil
+
+    from anyms_core.toy.evaluate import tune_sampling
+
+    folder = tmp_path / "weights"
+    shutil.copytree(random_weights, folder)
+    sampling = json.loads((folder / "sampling.json").read_text())
+    sampling.update(fold_shifts=True, fold_shifts_chosen_on="a validation A/B")
+    (folder / "sampling.json").write_text(json.dumps(sampling))
+    chosen = tune_sampling(folder, [1.0], [3.0], [2], n_cases=1)
+    saved = json.loads((folder / "sampling.json").read_text())
+    # (compared as JSON: identity is NaN when random weights place nothing, and NaN != NaN)
+    assert json.dumps(saved, sort_keys=True) == json.dumps(chosen, sort_keys=True)
+    assert saved["num_inference_steps"] == 2 and len(saved["trials"]) == 1
+    assert saved["fold_shifts"] is True and saved["fold_shifts_chosen_on"] == "a validation A/B"
+    assert toy_pipeline.load_toy_pipeline(folder).default_fold_shifts is True
