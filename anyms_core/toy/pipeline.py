@@ -396,10 +396,9 @@ class ToyWorldPipeline(DiffusionPipeline, IPAdapterMixin):
         fold block, draw a faint 4-px grid. With `fold_shifts` each step of the second half runs the UNet on
         the image rolled by `FOLD_SHIFTS[(num_steps - 1 - i) % 4]` pixels and rolls its prediction back, so
         each step's grid lies elsewhere; the last step averages two predictions half a block apart (one UNet
-        call, batch doubled). The UNet,
-        hence the attention processors and their recorded maps, sees step i's image moved by that offset
-        (at most 2 px, half a 16x16 latent cell); `pipe.fold_shift` holds it during the step, and
-        `anyms_core`'s x0 previews roll back by it.
+        call, batch doubled). The UNet, hence the attention processors and their recorded maps, sees a
+        shifted step's image moved by that offset (at most 2 px, half a 16x16 latent cell) under boxes that
+        stay put; `pipe.fold_shift` holds it during the step, and `anyms_core`'s x0 previews roll back by it.
         """
         num_inference_steps = num_inference_steps or self.default_num_inference_steps
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
