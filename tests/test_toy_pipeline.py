@@ -180,3 +180,16 @@ def test_tuning_the_sampling_defaults_keeps_the_fold_shift_choice(random_weights
     assert saved["num_inference_steps"] == 2 and len(saved["trials"]) == 1
     assert saved["fold_shifts"] is True and saved["fold_shifts_chosen_on"] == "a validation A/B"
     assert toy_pipeline.load_toy_pipeline(folder).default_fold_shifts is True
+
+
+def test_fold_shifts_keep_each_image_of_a_batch_its_own(random_weights):
+    pipe = toy_pipeline.load_toy_pipeline(random_weights)
+    refs = [world.sprite_reference("red circle"), world.sprite_reference("cyan cross")]
+    latents = torch.randn(2, toy_pipeline.LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(4))
+    kwargs = dict(prompt=world.DEFAULT_PROMPTS["grass"], ip_adapter_image=[refs], num_inference_steps=3,
+                  output_type="np", fold_shifts=True)
+    both = pipe(latents=latents, num_images_per_prompt=2, **kwargs).images
+    alone = [pipe(latents=latents[i : i + 1], **kwargs).images[0] for i in range(2)]
+    assert not np.allclose(both[0], both[1], atol=1e-2)
+    for i in range(2):
+        np.testing.assert_allclose(both[i], alone[i], atol=1e-4)
