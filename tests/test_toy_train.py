@@ -1,6 +1,7 @@
 """The trainer runs both stages on CPU into a temp dir, resumes from its checkpoint, and exports loadable weights."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -224,3 +225,11 @@ def test_quick_check_reports_shape_use_framed_and_where_anyms_needs_it():
     # random weights see their condition a little, either way; the two measurements are different scenes
     assert all(r > 0 and r != 1.0 for r in (base["shape_reliance_anywhere"], adapter["shape_reliance_in_box"]))
     assert adapter["shape_reliance"] != adapter["shape_reliance_in_box"]
+
+
+def test_alignment_stops_when_its_time_is_spent(capsys):
+    pipe = train.build_pipeline(0, torch.device("cpu"), with_adapter=True)
+    start = time.perf_counter()
+    loss = train.align_image_encoder(pipe, 100_000, 8, torch.Generator().manual_seed(5), "cpu", max_seconds=0.5)
+    assert time.perf_counter() - start < 30 and loss > 0  # 100,000 steps would take hours
+    assert "stopped after" in capsys.readouterr().err

@@ -196,13 +196,14 @@ def reference_batch(n: int, generator: torch.Generator, device) -> tuple[torch.T
 
 
 def align_image_encoder(pipe: ToyWorldPipeline, steps: int, batch_size: int, generator: torch.Generator, device,
-                        lr: float = 2e-3) -> float:
+                        lr: float = 2e-3, max_seconds: float | None = None) -> float:
     """Before the adapter's diffusion training: fit the image encoder and the image projection so that a
     reference's 4 image tokens equal the text encoder's first 4 tokens of its name ("<bos> a red triangle"),
     as CLIP's image encoder is aligned with its text encoder before IP-Adapter ever uses it. With to_k_ip /
     to_v_ip starting as copies of to_k / to_v, the adapter then starts out saying the sprite's name, shape
     included, instead of having to discover shape through the diffusion loss. Only single-sprite references
-    and their names are seen: no scene, box or layout. Returns the final token MSE."""
+    and their names are seen: no scene, box or layout. With `max_seconds` it stops there if the steps take
+    longer (the learning-rate schedule then runs by time, like the stages'). Returns the final token MSE."""
     names = [f"a {c} {s}" for c in world.COLOR_NAMES for s in world.SHAPES]  # index: colour * 4 + shape
     ids = pipe.tokenizer(names, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids.to(device)
@@ -215,9 +216,17 @@ def align_image_encoder(pipe: ToyWorldPipeline, steps: int, batch_size: int, gen
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pipe.image_encoder.train()
     loss = torch.zeros(())
+    start = time.perf_counter()
     for step in tqdm(range(steps), desc="align image encoder", mininterval=2.0, dynamic_ncols=True):
+        fraction = step / steps
+        if max_seconds is not None:
+            fraction = max(fraction, (time.perf_counter() - start) / max(max_seconds, 1e-9))
+            if fraction >= 1 and step > 0:
+                tqdm.write(f"align image encoder: stopped after {step} of {steps} steps, the time budget is spent "
+                           "(more --minutes, or fewer --align-steps)", file=sys.stderr)
+                break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step / steps, lr)
+            group["lr"] = lr_at(fraction, lr)
         refs, shapes, colors = reference_batch(batch_size, generator, device)
         tokens = projection(pipe.image_encoder(refs).image_embeds)
         loss = F.mse_loss(tokens, targets[colors * len(world.SHAPES) + shapes])
@@ -456,7 +465,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "so that sums of several subjects' image attention (the `none` ablation) stay in range")
     p.add_argument("--align-steps", type=int, default=2000,
                    help="before stage 2, align the image encoder to the text encoder's sprite names for N steps "
-                        "(batch 128; starts a fresh adapter, see align_image_encoder)")
+                        "(batch 128; starts a fresh adapter, see align_image_encoder); stops early if stage 2's share "
+                        "of --minutes runs out")
     p.add_argument("--lr1", type=float, default=6e-4)
     p.add_argument("--lr2", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.995)
@@ -571,7 +581,10 @@ def main(argv=None) -> dict:
             pipe.to(device)
             if args.align_steps:
                 t_align = time.perf_counter()
-                state["align_loss"] = align_image_encoder(pipe, args.align_steps, 128, generator, device)
+                # never past stage 2's time budget (a fixed --stage2-steps has none)
+                align_seconds = None if stage_steps[2] is not None else max(stage_budget[2] - state["elapsed"][2], 0.0)
+                state["align_loss"] = align_image_encoder(pipe, args.align_steps, 128, generator, device,
+                                                          max_seconds=align_seconds)
                 state["elapsed"][2] += time.perf_counter() - t_align
                 tqdm.write(f"aligned the image encoder: token MSE {state['align_loss']:.4f}", file=sys.stderr)
             resumed_optimizer = resumed_ema = None
