@@ -371,3 +371,14 @@ def test_explorer_rejects_bad_arguments(tiny_sdxl):
         Explorer(make_subjects(), pipe=tiny_sdxl, compare_variants=("anyms", "mask-only"))
     with pytest.raises(ValueError, match="must not set"):
         Explorer(make_subjects(), pipe=tiny_sdxl, generate_kwargs={"seed": 3})
+
+
+def test_widgets_without_the_notebook_extras_name_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    for name in [m for m in sys.modules if m == "anyms_viz.widgets" or m.startswith("anyms_viz.widgets.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "anywidget", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"anywidget is missing.*anyms\[notebooks\]"):
+        importlib.import_module("anyms_viz.widgets")
