@@ -473,8 +473,8 @@ def tune_sampling(weights_dir: str | Path, scales: list[float], guidances: list[
     path = Path(weights_dir) / "sampling.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     sampling = {"num_inference_steps": best["num_inference_steps"], "guidance_scale": best["guidance_scale"],
-                "ip_adapter_scale": best["ip_adapter_scale"], "fold_shifts": previous.get("fold_shifts", False),
-                **({"fold_shifts_chosen_on": previous["fold_shifts_chosen_on"]} if "fold_shifts_chosen_on" in previous else {}),
+                "ip_adapter_scale": best["ip_adapter_scale"],
+                **{k: previous[k] for k in ("fold_shifts", "fold_shifts_chosen_on") if k in previous},  # chosen apart
                 "chosen_on": f"validation cases (make_cases seed={seed}), {n_cases} per subject count (2 and 5), "
                              "variant anyms; never the held-out seed=0 set",
                 "trials": trials}
