@@ -1,6 +1,7 @@
 """README.md runs: every ```python block (in order, one namespace) and every ```json case file, with the toy
 model, and every `anyms ...` / `hf download ...` command line it shows parses (the long ones are not run)."""
 
+import itertools
 import json
 import re
 import shlex
@@ -85,10 +86,18 @@ def test_hf_download_lines_are_the_loaders_own():
 
 def _toy_table_rows(text: str, heading: str) -> list[list[str]]:
     """The first markdown table after `heading`, as rows of cells (header and rule dropped)."""
-    section = text[text.index(heading):]
-    lines = [line for line in section.split("\n|", 1)[1].split("\n\n", 1)[0].splitlines()]
-    rows = [[c.strip() for c in ("|" + line if i == 0 else line).strip().strip("|").split("|")] for i, line in enumerate(lines)]
-    return rows[2:]
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:])]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+
+
+def _group(label: str) -> str:
+    """A table's row label -> its results group: "2 subjects" -> "2", "3, overlapping boxes" / "overlap-3" -> "overlap-3"."""
+    if label.startswith("overlap-"):
+        return label
+    count = label.split()[0].rstrip(",")
+    return f"overlap-{count}" if "overlap" in label else count
 
 
 def _percent(value: float) -> str:
@@ -103,9 +112,7 @@ def test_toy_tables_match_the_results_file(document, heading):
     rows = _toy_table_rows((ROOT / document).read_text(), heading)
     assert len(rows) >= 5
     for row in rows:
-        count = row[0].split()[0].rstrip(",")  # "2 subjects", "3, overlapping boxes", "overlap-2"
-        group = count if count.startswith("overlap-") else f"overlap-{count}" if "overlap" in row[0] else count
-        entry = results[group]
+        entry = results[_group(row[0])]
         expected = [_percent(entry["anyms"]["placed"]["mean"]), _percent(entry["anyms"]["identity"]["mean"]),
                     _percent(entry["mask"]["placed"]["mean"]), _percent(entry["none"]["placed"]["mean"]),
                     _percent(entry["joint"]["placed"]["mean"]), _percent(entry["text"]["placed"]["mean"]),
