@@ -88,7 +88,7 @@ def _toy_table_rows(text: str, heading: str) -> list[list[str]]:
     """The first markdown table after `heading`, as rows of cells (header and rule dropped)."""
     lines = text[text.index(heading):].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    table = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:])]
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
 
 
