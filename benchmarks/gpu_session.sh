@@ -3,7 +3,7 @@
 # Each line stays under the 10-minute limit of one device command; run them as separate commands if needed.
 #   OUT=outputs/gpu bash benchmarks/gpu_session.sh            # everything (about 12-15 minutes on an H200, untested)
 #   OUT=outputs/gpu SECTIONS=unet bash benchmarks/gpu_session.sh
-#   OUT=outputs/gpu SECTIONS=toy TOY_MINUTES=7 bash benchmarks/gpu_session.sh   # the toy world's training
+#   OUT=outputs/gpu SECTIONS=toy TOY_MINUTES=8 bash benchmarks/gpu_session.sh   # the toy world's training (--minutes is wall clock, checks included; 8 fits one 10-minute device command)
 # Nothing here has run on a GPU yet: `python benchmarks/sdxl_unet.py --tiny --device cpu ...` is the CPU smoke test.
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
