@@ -193,3 +193,18 @@ def test_fold_shifts_keep_each_image_of_a_batch_its_own(random_weights):
     assert not np.allclose(both[0], both[1], atol=1e-2)
     for i in range(2):
         np.testing.assert_allclose(both[i], alone[i], atol=1e-4)
+
+
+def test_the_tuning_rule_keeps_none_a_picture_unless_no_trial_can():
+    from anyms_core.toy.evaluate import choose_trial
+
+    def trial(scale, guidance, placed, identity, none_fidelity, background=1.0):
+        return {"ip_adapter_scale": scale, "guidance_scale": guidance, "num_inference_steps": 8, "placed": placed,
+                "identity": identity, "background": background, "none_fidelity_2": none_fidelity}
+
+    strong = trial(1.5, 4.0, 0.81, 0.34, 0.76)  # the best mean, but `none` turns to noise
+    kept = trial(1.5, 3.0, 0.80, 0.33, 0.81)
+    assert choose_trial([strong, kept]) is kept
+    assert choose_trial([strong, kept], min_none_fidelity=0.7) is strong
+    assert choose_trial([strong, trial(1.0, 3.0, 0.6, 0.3, 0.79)]) is strong  # no trial meets it: dropped
+    assert choose_trial([trial(1.5, 3.0, 0.9, 0.4, 0.9, background=0.5), kept]) is kept  # backgrounds first
