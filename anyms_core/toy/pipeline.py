@@ -590,4 +590,8 @@ def load_toy_pipeline(
         # The adapter's strength is part of the model's tuned defaults, like IP-Adapter's own `scale`.
         pipe.set_ip_adapter_scale(float(sampling.get("ip_adapter_scale", 1.0)))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    pipe.to(device)
+    if dtype != torch.float32:
+        # Only when asked: diffusers warns on every dtype cast, even with no float32-only modules.
+        pipe.to(dtype=dtype)
+    return pipe
